@@ -1,0 +1,209 @@
+"""A fake OpenAI-compatible Images API on 127.0.0.1 for tests and benchmarks.
+
+It records every request (method, path, headers, body) and answers with scripted
+replies, or by default with real images of the requested size and format.
+Multipart bodies are parsed with the standard library's email parser, so a test
+proves that an ordinary server can read what the client sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import email.parser
+import email.policy
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Optional
+
+
+def make_png(width: int, height: int, *, alpha: bool = False, rgb: tuple[int, int, int] = (200, 120, 40)) -> bytes:
+    """A real PNG of one colour, built with zlib (no image library needed)."""
+    channels = bytes(rgb) + (b"\xff" if alpha else b"")
+    row = b"\x00" + channels * width
+    raw = zlib.compress(row * height, 6)
+
+    def chunk(name: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + name + data + struct.pack(">I", zlib.crc32(name + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6 if alpha else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def make_image(fmt: str, width: int, height: int, *, alpha: bool = False) -> bytes:
+    """A real image in png, jpeg or webp; jpeg and webp need Pillow (a test extra)."""
+    if fmt == "png":
+        return make_png(width, height, alpha=alpha)
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    mode = "RGBA" if alpha and fmt == "webp" else "RGB"
+    Image.new(mode, (width, height), (30, 160, 90)).save(buffer, format=fmt.upper())
+    return buffer.getvalue()
+
+
+@dataclasses.dataclass
+class Part:
+    name: str
+    filename: Optional[str]
+    content_type: Optional[str]
+    data: bytes
+
+
+@dataclasses.dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def header(self, name: str) -> Optional[str]:
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def parts(self) -> list[Part]:
+        head = f"Content-Type: {self.header('Content-Type')}\r\n\r\n".encode()
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + self.body)
+        assert message.is_multipart(), "body is not multipart"
+        return [Part(p.get_param("name", header="content-disposition"), p.get_filename(),
+                     p.get("Content-Type"), p.get_payload(decode=True)) for p in message.iter_parts()]
+
+    def fields(self) -> dict[str, str]:
+        return {p.name: p.data.decode() for p in self.parts() if p.filename is None}
+
+    def files(self) -> list[Part]:
+        return [p for p in self.parts() if p.filename is not None]
+
+
+@dataclasses.dataclass
+class Reply:
+    """One scripted answer. body: bytes as is, anything else as JSON."""
+
+    status: int = 200
+    body: Any = b""
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    delay: float = 0.0
+    drop: bool = False                  # close the connection without answering
+    truncate: Optional[int] = None      # send only this many body bytes, then close
+    trickle: Optional[float] = None     # pause this long between 1 KB pieces of the body
+    before: Optional[Callable[[Recorded], None]] = None
+
+
+def images_answer(images: list[bytes], *, usage: Optional[dict] = None, prefix: str = "", **extra: Any) -> dict:
+    data = [{"b64_json": prefix + base64.b64encode(img).decode()} for img in images]
+    answer = {"created": 1_800_000_000, "data": data,
+              "usage": usage or {"input_tokens": 50, "output_tokens": 4160, "total_tokens": 4210,
+                                 "input_tokens_details": {"text_tokens": 50, "image_tokens": 0}}}
+    answer.update(extra)
+    return answer
+
+
+def default_reply(request: Recorded) -> Reply:
+    """Answer like the real API: n images of the requested size and format."""
+    if (request.header("Content-Type") or "").startswith("multipart/"):
+        fields = request.fields()
+    else:
+        fields = request.json()
+    size = str(fields.get("size", "auto"))
+    width, height = (int(x) for x in size.split("x")) if "x" in size else (1024, 1024)
+    fmt = str(fields.get("output_format", "png"))
+    images = [make_image(fmt, width, height) for _ in range(int(fields.get("n", 1)))]
+    return Reply(body=images_answer(images), headers={"x-request-id": "req_fake_123"})
+
+
+class FakeImagesAPI:
+    """Start with `with FakeImagesAPI() as api:`; queue Replies with api.queue(...)."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.replies: collections.deque[Reply] = collections.deque()
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeImagesAPI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def queue(self, *replies: Reply) -> None:
+        with self.lock:
+            self.replies.extend(replies)
+
+    def next_reply(self, request: Recorded) -> Reply:
+        with self.lock:
+            self.requests.append(request)
+            scripted = self.replies.popleft() if self.replies else None
+        return scripted or default_reply(request)
+
+    def _handler_class(self) -> type:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.answer()
+
+            def do_POST(self) -> None:
+                self.answer()
+
+            def answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                request = Recorded(self.command, self.path, dict(self.headers.items()), body)
+                reply = api.next_reply(request)
+                if reply.before:
+                    reply.before(request)
+                time.sleep(reply.delay)
+                if reply.drop:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                try:
+                    self.send_response(reply.status)
+                    content_type = "application/json" if not isinstance(reply.body, bytes) else "text/html"
+                    headers = {"Content-Type": content_type, "Content-Length": str(len(payload)), **reply.headers}
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.send_body(payload, reply)
+                except OSError:
+                    pass
+
+            def send_body(self, payload: bytes, reply: Reply) -> None:
+                if reply.truncate is not None:
+                    self.wfile.write(payload[:reply.truncate])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if reply.trickle is None:
+                    self.wfile.write(payload)
+                    return
+                for start in range(0, len(payload), 1024):
+                    self.wfile.write(payload[start:start + 1024])
+                    self.wfile.flush()
+                    time.sleep(reply.trickle)
+
+        return Handler
