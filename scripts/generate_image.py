@@ -807,25 +807,22 @@ def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool) 
 
 
 def read_body(response: Any, *, deadline: float, limit: Optional[int] = None) -> bytearray:
-    """Read in chunks so the total --timeout holds even while data trickles in."""
-    length = response.headers.get("Content-Length")
-    buffer = bytearray()
-    if length and length.isdigit() and limit is None:
-        buffer = bytearray(int(length))
-        view, position = memoryview(buffer), 0
-        while position < len(buffer):
-            check_deadline(deadline)
-            got = response.readinto(view[position:position + READ_CHUNK])
-            if not got:
-                raise ConnectionResetError("the connection closed before the whole answer arrived")
-            position += got
-        return buffer
-    while limit is None or len(buffer) < limit:
+    """Read piece by piece (read1: one network read each) so the total --timeout holds even
+    while data trickles in; with a Content-Length the buffer is allocated once."""
+    read_piece = getattr(response, "read1", response.read)
+    length = response.headers.get("Content-Length", "")
+    expected = int(length) if length.isdigit() and limit is None else 0
+    buffer, position = bytearray(expected), 0
+    while limit is None or position < limit:
         check_deadline(deadline)
-        chunk = response.read(READ_CHUNK)
-        if not chunk:
+        piece = read_piece(READ_CHUNK)
+        if not piece:
             break
-        buffer += chunk
+        buffer[position:position + len(piece)] = piece
+        position += len(piece)
+    if position < expected:
+        raise ConnectionResetError("the connection closed before the whole answer arrived")
+    del buffer[position:]
     return buffer
 
 
@@ -909,6 +906,11 @@ def is_retryable(status: int) -> bool:
     return status in RETRY_STATUSES or (status >= 500 and status not in NOT_RETRIED_5XX)
 
 
+def should_retry(response: HttpResponse) -> bool:
+    """An empty balance also comes as 429, but waiting does not refill it."""
+    return is_retryable(response.status) and parse_error_body(response.body).get("code") != "insufficient_quota"
+
+
 def retry_delay(response: HttpResponse, attempt: int) -> float:
     wait = parse_retry_after(response.headers.get("retry-after"))
     if wait is None:
@@ -932,7 +934,7 @@ def send_with_retries(request: HttpRequest, config: ApiConfig, *,
                 raise
             delay, reason = backoff_delay(attempt), err.message
         else:
-            if last or not is_retryable(response.status):
+            if last or not should_retry(response):
                 return response
             delay, reason = retry_delay(response, attempt), f"HTTP {response.status}"
         notify(f"{reason}; retry {attempt + 1} of {config.retries} in {delay:.1f} s")
@@ -987,14 +989,14 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
     """Map a non-2xx answer to the exit code the agent acts on."""
     status, error = response.status, parse_error_body(response.body)
     code = str(error.get("code") or "")
-    details = ", ".join(f"{k} {error[k]}" for k in ("type", "param", "code") if error.get(k))
+    details = [f"{k} {error[k]}" for k in ("type", "param", "code") if error.get(k)]
     request_id = request_id_of(response.headers)
-    details += (", " if details else "") + (f"request id {request_id}" if request_id else "")
+    details += [f"request id {request_id}"] if request_id else []
     if 300 <= status < 400:
         text = f"redirected to {response.headers.get('location', '(no location)')}"
     else:
         text = str(error.get("message") or "") or body_excerpt(response.body) or "(empty body)"
-    message = f"HTTP {status}: {text}" + (f" ({details})" if details else "")
+    message = f"HTTP {status}: {text}" + (f" ({', '.join(details)})" if details else "")
     cls: type[ToolError] = ServiceError
     if status in AUTH_STATUSES or code == "insufficient_quota":
         cls = AuthError
@@ -1177,7 +1179,7 @@ def write_image(data: bytes, target: Path, *, overwrite: bool) -> tuple[Path, st
 
 
 def save_image(data: bytes, info: ImageInfo, target: Path, plan: OutputPlan) -> SavedImage:
-    path, reason = write_image(data, path_for_format(target, info.format), overwrite=plan.overwrite)
+    path, reason = write_image(data, target, overwrite=plan.overwrite)
     return SavedImage(path, info, len(data), hashlib.sha256(data).hexdigest(), reason)
 
 
@@ -1292,7 +1294,8 @@ class ProgressTicker:
 def start_line(job: ImageJob) -> str:
     count = f"{job.n} image{'s' if job.n > 1 else ''}"
     action = {0: "Generating", 1: "Editing 1 image into"}.get(len(job.images), f"Fusing {len(job.images)} images into")
-    settings = ", ".join(f"{k} {job.fields[k]}" for k in ("size", "quality", "output_format") if k in job.fields)
+    settings = ", ".join(f"{label}{job.fields[k]}" for k, label in (("size", ""), ("quality", "quality "),
+                                                                   ("output_format", "")) if k in job.fields)
     return (f"{action} {count} with {job.fields['model']}" + (f" ({settings})" if settings else "")
             + ": usually 120-150 s, up to 5 min at high quality or 4K")
 
@@ -1324,10 +1327,12 @@ def save_all(job: ImageJob, payload: ImagesPayload, config: ApiConfig) -> tuple[
         except ToolError as err:
             problem = err
             continue
+        intended = path_for_format(target, info.format)
         if info.format != job.output.format:
-            warnings.append(f"expected {job.output.format} but the image is {info.format}: saved as "
-                            f"{path_for_format(target, info.format).name}")
-        saved.append(save_image(data, info, target, job.output))
+            warnings.append(f"expected {job.output.format} but the image is {info.format}: saved as {intended.name}")
+        saved.append(save_image(data, info, intended, job.output))
+        if saved[-1].path != intended and not saved[-1].fallback_reason:
+            warnings.append(f"{intended.name} exists: saved as {saved[-1].path.name} (--overwrite replaces it)")
     if problem is None and len(saved) < job.n:
         problem = ServiceError(f"asked for {job.n} images but the answer held {len(saved)}", hint="retry later")
     return saved, warnings, problem

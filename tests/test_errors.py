@@ -1,0 +1,208 @@
+"""HTTP failures: exit codes, retries (and what is never retried), timeouts, drops, redirects."""
+
+from __future__ import annotations
+
+import socket
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+
+import generate_image as gi
+from conftest import TEST_KEY, CliRunner
+from fake_api import FakeImagesAPI, Reply
+
+
+def api_error(message: str, *, type_: str = "invalid_request_error", param: object = None,
+              code: object = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+STATUSES = [
+    pytest.param(400, api_error("Invalid value: '999x1'.", param="size", code="invalid_value"), gi.EXIT_REFUSED,
+                 "HTTP 400: Invalid value: '999x1'. (type invalid_request_error, param size, code invalid_value, "
+                 "request id req_e)", "change the prompt or the parameters", 1, id="400"),
+    pytest.param(400, api_error("Your request was rejected by the safety system.", type_="image_generation_user_error",
+                                code="moderation_blocked"), gi.EXIT_REFUSED, "HTTP 400: Your request was rejected by the safety system.",
+                 "rephrase the prompt", 1, id="400-moderation"),
+    pytest.param(401, api_error("Incorrect API key provided: sk-te***ef", code="invalid_api_key"), gi.EXIT_AUTH,
+                 "HTTP 401: Incorrect API key provided", "check APIYI_API_KEY", 1, id="401"),
+    pytest.param(403, api_error("forbidden"), gi.EXIT_AUTH, "HTTP 403: forbidden", "check APIYI_API_KEY", 1, id="403"),
+    pytest.param(404, api_error("model not found"), gi.EXIT_REFUSED, "HTTP 404", "check --base-url", 1, id="404"),
+    pytest.param(413, b"<html><body><h1>413 Request Entity Too Large</h1></body></html>", gi.EXIT_REFUSED,
+                 "HTTP 413: 413 Request Entity Too Large (request id req_e)", "smaller input images", 1, id="413-html"),
+    pytest.param(415, api_error("unsupported mimetype"), gi.EXIT_REFUSED, "HTTP 415", "", 1, id="415"),
+    pytest.param(422, api_error("bad"), gi.EXIT_REFUSED, "HTTP 422", "", 1, id="422"),
+    pytest.param(429, api_error("quota", type_="insufficient_quota", code="insufficient_quota"), gi.EXIT_AUTH,
+                 "HTTP 429: quota", "balance", 1, id="429-quota"),
+    pytest.param(429, api_error("slow down", code="rate_limit_exceeded"), gi.EXIT_UNAVAILABLE, "HTTP 429: slow down",
+                 "retry later", 3, id="429"),
+    pytest.param(408, b"", gi.EXIT_UNAVAILABLE, "HTTP 408: (empty body)", "", 3, id="408"),
+    pytest.param(409, api_error("conflict"), gi.EXIT_UNAVAILABLE, "HTTP 409", "", 3, id="409"),
+    pytest.param(500, api_error("server_error", type_="server_error"), gi.EXIT_UNAVAILABLE, "HTTP 500", "", 3,
+                 id="500"),
+    pytest.param(502, b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>nginx</body></html>",
+                 gi.EXIT_UNAVAILABLE, "HTTP 502: 502 Bad Gateway nginx", "retry later", 3, id="502-html"),
+    pytest.param(524, b"<html>A timeout occurred</html>", gi.EXIT_MAYBE_BILLED, "HTTP 524: A timeout occurred",
+                 "direct endpoint", 1, id="524"),
+]
+
+
+@pytest.mark.parametrize("status, body, code, message, hint, attempts", STATUSES)
+def test_status_maps_to_exit_code(online: CliRunner, api: FakeImagesAPI, isolated: Path, pauses: list[float],
+                                  status: int, body: object, code: int, message: str, hint: str,
+                                  attempts: int) -> None:
+    api.queue(*[Reply(status=status, body=body, headers={"x-request-id": "req_e"}) for _ in range(3)])
+    run = online("-p", "cat", "-f", "cat.png")
+    assert (run.code, run.out) == (code, "")
+    error_line, *rest = [line for line in run.err.splitlines() if line.startswith(("generate_image.py", "hint"))]
+    assert error_line.startswith(f"generate_image.py: error: {message}")
+    assert hint in "".join(rest)
+    assert len(api.requests) == attempts
+    assert len(pauses) == attempts - 1
+    assert list(isolated.iterdir()) == []
+
+
+@pytest.mark.parametrize("status, kind", [(400, "refused"), (401, "auth"), (503, "unavailable"), (524, "timeout")])
+def test_json_error_document(online: CliRunner, api: FakeImagesAPI, status: int, kind: str) -> None:
+    api.queue(*[Reply(status=status, body=api_error("nope", code="some_code")) for _ in range(3)])
+    run = online("-p", "cat", "--json")
+    assert run.json() == {"ok": False, "error": {
+        "kind": kind, "message": f"HTTP {status}: nope (type invalid_request_error, code some_code)",
+        "status": status, "code": "some_code", "hint": run.json()["error"]["hint"], "exit_code": run.code}}
+
+
+def test_transient_failure_then_success(online: CliRunner, api: FakeImagesAPI, pauses: list[float]) -> None:
+    api.queue(Reply(status=503, body=api_error("busy")), Reply(status=502, body=b"bad gateway"))
+    run = online("-p", "cat", "-f", "cat.png")
+    assert (run.code, run.out) == (0, "cat.png\n")
+    assert len(api.requests) == 3
+    assert [r.body for r in api.requests] == [api.requests[0].body] * 3
+    assert 0.375 <= pauses[0] <= 0.5 and 0.75 <= pauses[1] <= 1.0
+    assert "HTTP 503; retry 1 of 2 in" in run.err and "HTTP 502; retry 2 of 2 in" in run.err
+
+
+def test_multipart_body_is_replayed_whole_on_retry(online: CliRunner, api: FakeImagesAPI, picture) -> None:
+    picture("a.png", "png", 512, 512)
+    api.queue(Reply(status=500, body=api_error("oops")))
+    assert online("-p", "x", "-i", "a.png").code == 0
+    first, second = api.requests
+    assert first.files()[0].data == second.files()[0].data == Path("a.png").read_bytes()
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    delays = [gi.backoff_delay(attempt) for attempt in range(8)]
+    assert all(0.375 <= d <= 0.5 for d in delays[:1])
+    assert all(6.0 <= d <= 8.0 for d in delays[4:])
+
+
+@pytest.mark.parametrize("header, expected", [("3", 3.0), ("0", 0.0), ("120", 120.0)])
+def test_retry_after_seconds_is_honoured(online: CliRunner, api: FakeImagesAPI, pauses: list[float],
+                                         header: str, expected: float) -> None:
+    api.queue(Reply(status=429, body=api_error("slow"), headers={"Retry-After": header}))
+    assert online("-p", "cat").code == 0
+    assert pauses == [expected]
+
+
+def test_retry_after_http_date_is_honoured(online: CliRunner, api: FakeImagesAPI, pauses: list[float]) -> None:
+    import time
+
+    api.queue(Reply(status=503, body=b"", headers={"Retry-After": formatdate(time.time() + 30, usegmt=True)}))
+    assert online("-p", "cat").code == 0
+    assert 25 <= pauses[0] <= 31
+
+
+def test_retry_after_beyond_120_s_stops_with_exit_5(online: CliRunner, api: FakeImagesAPI,
+                                                    pauses: list[float]) -> None:
+    api.queue(Reply(status=429, body=api_error("slow"), headers={"Retry-After": "600"}))
+    run = online("-p", "cat")
+    assert run.code == gi.EXIT_UNAVAILABLE
+    assert "the server asks to wait 600 s before retrying" in run.err
+    assert "hint: try again after " in run.err
+    assert (len(api.requests), pauses) == (1, [])
+
+
+def test_retries_zero_sends_once(online: CliRunner, api: FakeImagesAPI) -> None:
+    api.queue(Reply(status=500, body=b""))
+    assert online("-p", "cat", "--retries", "0").code == gi.EXIT_UNAVAILABLE
+    assert len(api.requests) == 1
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_connection_refused_is_retried_then_exits_5(cli: CliRunner, pauses: list[float]) -> None:
+    run = cli("-p", "cat", "--base-url", closed_port_url(), "-k", TEST_KEY)
+    assert run.code == gi.EXIT_UNAVAILABLE
+    assert "could not reach 127.0.0.1:" in run.err
+    assert "hint: check the network" in run.err
+    assert len(pauses) == 2
+
+
+NOT_RETRIED = [
+    pytest.param(Reply(delay=1.5), ["--timeout", "0.3"], "no complete answer from 127.0.0.1", id="slow-answer"),
+    pytest.param(Reply(trickle=0.05, body=b"x" * 30_000), ["--timeout", "0.5"], "no complete answer",
+                 id="trickling-body"),
+    pytest.param(Reply(drop=True), [], "dropped after the request was sent", id="dropped"),
+    pytest.param(Reply(truncate=10, body=b'{"created": 1, "data": []}'), [], "dropped after the request was sent",
+                 id="truncated"),
+]
+
+
+@pytest.mark.parametrize("reply, args, message", NOT_RETRIED)
+def test_timeout_or_drop_after_sending_is_not_retried(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                      pauses: list[float], reply: Reply, args: list[str],
+                                                      message: str) -> None:
+    api.queue(reply)
+    run = online("-p", "cat", "-f", "cat.png", *args)
+    assert (run.code, run.out) == (gi.EXIT_MAYBE_BILLED, "")
+    assert message in run.err
+    assert "hint: the request may already have been billed" in run.err
+    assert "retry with a longer --timeout" in run.err
+    assert (len(api.requests), pauses) == (1, [])
+    assert list(isolated.iterdir()) == []
+
+
+def test_redirect_is_not_followed_with_the_key(online: CliRunner, api: FakeImagesAPI) -> None:
+    with FakeImagesAPI() as elsewhere:
+        api.queue(Reply(status=307, headers={"Location": elsewhere.url + "/images/generations"}))
+        run = online("-p", "cat")
+        assert run.code == gi.EXIT_REFUSED
+        assert f"HTTP 307: redirected to {elsewhere.url}/images/generations" in run.err
+        assert elsewhere.requests == []
+    assert len(api.requests) == 1
+
+
+def test_ctrl_c_exits_130_without_partial_files(online: CliRunner, isolated: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gi, "send_request", interrupted)
+    run = online("-p", "cat", "-f", "cat.png", "--json")
+    assert run.code == gi.EXIT_INTERRUPTED
+    assert run.json()["error"]["kind"] == "interrupted"
+    assert "interrupted; no partial file was left" in run.err
+    assert list(isolated.iterdir()) == []
+
+
+def test_key_is_not_sent_to_a_url_item_on_another_host(online: CliRunner, api: FakeImagesAPI) -> None:
+    from fake_api import make_png
+
+    with FakeImagesAPI() as cdn:
+        cdn.queue(Reply(body=make_png(1024, 1024)))
+        api.queue(Reply(body={"created": 1, "data": [{"url": cdn.url + "/img.png"}]}))
+        assert online("-p", "cat", "-f", "cat.png").code == 0
+        [download] = cdn.requests
+        assert all(TEST_KEY not in value for value in download.headers.values())
+
+
+def test_failed_download_names_the_url(online: CliRunner, api: FakeImagesAPI) -> None:
+    api.queue(Reply(body={"created": 1, "data": [{"url": api.url + "/gone.png"}]}), Reply(status=404, body=b""))
+    run = online("-p", "cat", "-f", "cat.png")
+    assert run.code == gi.EXIT_UNAVAILABLE
+    assert f"downloading the image failed with HTTP 404: {api.url}/gone.png" in run.err
