@@ -1,0 +1,139 @@
+"""The documents match the script, and the project keeps its promises: stdlib only, one version,
+CI runs the README's test command, every documented example works against a local server."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+import generate_image as gi
+from conftest import CliRunner
+from fake_api import make_png
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", ROOT / "SKILL.md", *sorted((ROOT / "references").glob("*.md"))]
+COMMAND_PREFIX = "python scripts/generate_image.py "
+
+
+def code_block_lines(path: Path) -> list[str]:
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return [line.strip() for block in blocks for line in block.splitlines()]
+
+
+def documented_commands() -> list[pytest.param]:
+    found = []
+    for path in DOCUMENTS:
+        for line in code_block_lines(path):
+            if line.startswith(COMMAND_PREFIX):
+                found.append(pytest.param(line, id=f"{path.name}:{line[len(COMMAND_PREFIX):][:40]}"))
+    return found
+
+
+def parser_long_flags() -> set[str]:
+    return {opt for action in gi.build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+
+
+def test_documents_have_commands_to_check() -> None:
+    assert len(documented_commands()) >= 15
+
+
+def input_images(words: list[str]) -> list[str]:
+    """The values of every -i, which takes one or more paths."""
+    names, taking = [], False
+    for word in words:
+        if word.startswith("-"):
+            taking = word in ("-i", "--input-image")
+        elif taking:
+            names.append(word)
+    return names
+
+
+@pytest.mark.parametrize("line", documented_commands())
+def test_documented_command_works_against_a_local_server(online: CliRunner, isolated: Path, line: str) -> None:
+    words = shlex.split(line, comments=True)[2:]
+    stdin = b""
+    if "<" in words:
+        position = words.index("<")
+        stdin = "一张中秋节海报,写着「花好月圆」\n".encode()
+        words = words[:position] + words[position + 2:]
+    for name in input_images(words):
+        (isolated / name).write_bytes(make_png(640, 480))
+    if "-m" in words:
+        (isolated / words[words.index("-m") + 1]).write_bytes(make_png(640, 480, alpha=True))
+    run = online(*words, stdin=stdin)
+    assert run.code == 0, run.err
+    if "--dry-run" in words:
+        assert run.out.startswith("POST ")
+        return
+    paths = [f["path"] for f in run.json()["files"]] if "--json" in words else run.out.splitlines()
+    assert paths and all((isolated / p).is_file() for p in paths)
+
+
+def test_every_flag_in_help_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = sorted(flag for flag in parser_long_flags() if f"`{flag}" not in readme)
+    assert missing == []
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: p.name)
+def test_every_flag_the_documents_mention_exists(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    commands = " ".join(line for line in code_block_lines(path) if line.startswith(COMMAND_PREFIX))
+    mentioned = set(re.findall(r"`(--[a-z][a-z-]*)", text)) | set(re.findall(r"\s(--[a-z][a-z-]*)", commands))
+    assert sorted(mentioned - parser_long_flags()) == []
+
+
+@pytest.mark.parametrize("name", ["README.md", "SKILL.md"])
+def test_exit_code_tables_match_the_script(name: str) -> None:
+    text = (ROOT / name).read_text(encoding="utf-8")
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", text, flags=re.M)}
+    defined = {value for key, value in vars(gi).items() if key.startswith("EXIT_")}
+    assert documented == defined
+
+
+def readme_test_command() -> str:
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Run the tests", 1)[1]
+    return re.search(r"```bash\n(.+?)\n```", section, flags=re.S).group(1).strip()
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    commands = [line for line in ci.splitlines() if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert commands == [readme_test_command()]
+    assert "pip install" in readme_test_command() and "pytest" in readme_test_command()
+
+
+def test_version_is_the_same_everywhere() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^version = "(.+)"$', pyproject, flags=re.M).group(1) == gi.VERSION
+
+
+def test_script_header_declares_no_dependencies() -> None:
+    source = (ROOT / "scripts" / "generate_image.py").read_text(encoding="utf-8")
+    header = source.split('"""', 1)[0]
+    assert header.startswith("#!/usr/bin/env python3\n# /// script\n")
+    assert '# requires-python = ">=3.9"\n# dependencies = []\n# ///' in header
+    assert source.rstrip().endswith('if __name__ == "__main__":\n    raise SystemExit(main())')
+
+
+@pytest.mark.skipif(sys.version_info < (3, 10), reason="sys.stdlib_module_names needs Python 3.10")
+def test_script_imports_only_the_standard_library() -> None:
+    tree = ast.parse((ROOT / "scripts" / "generate_image.py").read_text(encoding="utf-8"))
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert modules - set(sys.stdlib_module_names) == set()
+
+
+def test_skill_front_matter() -> None:
+    text = (ROOT / "SKILL.md").read_text(encoding="utf-8")
+    front = text.split("---\n")[1]
+    assert re.search(r"^name: apiyi-gpt-image-2-gen$", front, flags=re.M)
+    description = re.search(r"^description: (.+)$", front, flags=re.M).group(1)
+    assert "gpt-image-2" in description and "APIYI" in description and "edit" in description
