@@ -234,10 +234,16 @@ class ImageJob:
     images: tuple[InputFile, ...]
     mask: Optional[InputFile]
     output: OutputPlan
-    n: int
-    size_explicit: bool
     notes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+
+    @property
+    def n(self) -> int:
+        return int(self.fields.get("n", 1))
+
+    @property
+    def size_explicit(self) -> bool:
+        return self.fields.get("size", "auto") != "auto"
 
     @property
     def mode(self) -> str:
@@ -414,7 +420,8 @@ def resolve_ratio(ratio_w: int, ratio_h: int, resolution: str) -> tuple[str, str
         raise UsageError(f"--size {ratio_w}:{ratio_h}: both sides of a ratio must be above 0", hint="e.g. -s 16:9")
     if max(ratio_w, ratio_h) / min(ratio_w, ratio_h) > MAX_ASPECT:
         widest = "3:1" if ratio_w > ratio_h else "1:3"
-        raise UsageError(f"--size {ratio_w}:{ratio_h}: the aspect ratio must be at most 3:1; nearest valid ratio is {widest}")
+        raise UsageError(f"--size {ratio_w}:{ratio_h}: the aspect ratio must be at most 3:1; "
+                         f"nearest valid ratio is {widest}")
     width, height = size_for_ratio(ratio_w, ratio_h, resolution)
     return f"{width}x{height}", f"size {ratio_w}:{ratio_h} at {resolution} -> {width}x{height}"
 
@@ -656,8 +663,8 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]]) -> ImageJob
     check_output_folder(path.parent, create=not args.dry_run)
     fields = collect_fields(args, prompt=prompt, size=size, fmt=fmt, format_given=format_given)
     return ImageJob(prompt=prompt, fields=fields, images=images, mask=mask,
-                    output=OutputPlan(path, fmt, args.overwrite, args.metadata), n=args.n or 1,
-                    size_explicit=size not in (None, "auto"), notes=(size_note,) if size_note else (),
+                    output=OutputPlan(path, fmt, args.overwrite, args.metadata),
+                    notes=(size_note,) if size_note else (),
                     warnings=tuple(warnings))
 
 
@@ -844,8 +851,7 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
             body = read_body(response, deadline=deadline)
             return HttpResponse(response.status, lowercase_headers(response.headers), body)
     except urllib.error.HTTPError as err:
-        body = read_body(err, deadline=deadline, limit=ERROR_BODY_LIMIT) if err.fp else b""
-        return HttpResponse(err.code, lowercase_headers(err.headers), body)
+        return HttpResponse(err.code, lowercase_headers(err.headers), read_error_body(err, deadline=deadline))
     except urllib.error.URLError as err:
         raise ConnectError(f"could not reach {host_of(request.url)}: {reason_text(err.reason)}",
                            hint="check the network, the proxy settings and --base-url") from None
@@ -855,6 +861,16 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
     except (http.client.HTTPException, OSError) as err:
         raise MaybeBilledError(f"the connection to {host_of(request.url)} dropped after the request was sent: "
                                f"{reason_text(err)}", kind="dropped", hint=billed_hint(timeout_s)) from None
+
+
+def read_error_body(error: Any, *, deadline: float) -> bytes:
+    """The status decides what happens next; an error body that is cut off only loses its message."""
+    import http.client
+
+    try:
+        return bytes(read_body(error, deadline=deadline, limit=ERROR_BODY_LIMIT)) if error.fp else b""
+    except (OSError, http.client.HTTPException):
+        return b""
 
 
 def billed_hint(timeout_s: float) -> str:
@@ -1317,7 +1333,8 @@ def image_bytes(source: Union[memoryview, str], config: ApiConfig) -> tuple[byte
     return decode_base64_image(source)
 
 
-def save_all(job: ImageJob, payload: ImagesPayload, config: ApiConfig) -> tuple[list[SavedImage], list[str], Optional[ToolError]]:
+def save_all(job: ImageJob, payload: ImagesPayload,
+             config: ApiConfig) -> tuple[list[SavedImage], list[str], Optional[ToolError]]:
     """Save every image that decodes; a bad one does not cost the good ones."""
     targets = output_paths(job.output, max(job.n, len(payload.sources)))
     saved, warnings, problem = [], [], None
@@ -1535,7 +1552,8 @@ def build_parser() -> CliParser:
     output.add_argument("--overwrite", action="store_true",
                         help="replace an existing file (default: pick NAME-2, NAME-3, ... and say so)")
     output.add_argument("--metadata", action="store_true",
-                        help="also write IMAGE.json beside each image (prompt, parameters, usage, sha256; never the key)")
+                        help="also write IMAGE.json beside each image (prompt, parameters, usage, sha256; "
+                             "never the key)")
     output.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of paths")
     output.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings and errors stay)")
     conn = parser.add_argument_group("connection")

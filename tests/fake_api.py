@@ -94,6 +94,7 @@ class Reply:
     delay: float = 0.0
     drop: bool = False                  # close the connection without answering
     truncate: Optional[int] = None      # send only this many body bytes, then close
+    reset: bool = False                 # with truncate: abort the connection (RST) instead of closing it
     trickle: Optional[float] = None     # pause this long between 1 KB pieces of the body
     before: Optional[Callable[[Recorded], None]] = None
 
@@ -196,7 +197,11 @@ class FakeImagesAPI:
                     self.wfile.write(payload[:reply.truncate])
                     self.wfile.flush()
                     self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
+                    if reply.reset:
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.connection.close()
+                    else:
+                        self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if reply.trickle is None:
                     self.wfile.write(payload)

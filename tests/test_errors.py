@@ -23,7 +23,8 @@ STATUSES = [
                  "HTTP 400: Invalid value: '999x1'. (type invalid_request_error, param size, code invalid_value, "
                  "request id req_e)", "change the prompt or the parameters", 1, id="400"),
     pytest.param(400, api_error("Your request was rejected by the safety system.", type_="image_generation_user_error",
-                                code="moderation_blocked"), gi.EXIT_REFUSED, "HTTP 400: Your request was rejected by the safety system.",
+                                code="moderation_blocked"), gi.EXIT_REFUSED,
+                 "HTTP 400: Your request was rejected by the safety system.",
                  "rephrase the prompt", 1, id="400-moderation"),
     pytest.param(401, api_error("Incorrect API key provided: sk-te***ef", code="invalid_api_key"), gi.EXIT_AUTH,
                  "HTTP 401: Incorrect API key provided", "check APIYI_API_KEY", 1, id="401"),
@@ -150,6 +151,8 @@ NOT_RETRIED = [
     pytest.param(Reply(drop=True), [], "dropped after the request was sent", id="dropped"),
     pytest.param(Reply(truncate=10, body=b'{"created": 1, "data": []}'), [], "dropped after the request was sent",
                  id="truncated"),
+    pytest.param(Reply(truncate=10, reset=True, body=b'{"created": 1, "data": []}'), [],
+                 "dropped after the request was sent", id="reset"),
 ]
 
 
@@ -165,6 +168,18 @@ def test_timeout_or_drop_after_sending_is_not_retried(online: CliRunner, api: Fa
     assert "retry with a longer --timeout" in run.err
     assert (len(api.requests), pauses) == (1, [])
     assert list(isolated.iterdir()) == []
+
+
+@pytest.mark.parametrize("reply", [Reply(status=400, body=api_error("x" * 5000), truncate=100),
+                                   Reply(status=400, body=api_error("x" * 5000), truncate=100, reset=True),
+                                   Reply(status=400, body=b"")],
+                         ids=["error-body-cut-off", "error-body-reset", "empty-error-body"])
+def test_error_status_with_a_broken_body_still_maps_by_status(online: CliRunner, api: FakeImagesAPI,
+                                                              reply: Reply) -> None:
+    api.queue(reply)
+    run = online("-p", "cat")
+    assert run.code == gi.EXIT_REFUSED
+    assert run.err.startswith("Generating") and "generate_image.py: error: HTTP 400: " in run.err
 
 
 def test_redirect_is_not_followed_with_the_key(online: CliRunner, api: FakeImagesAPI) -> None:

@@ -137,3 +137,10 @@ def test_skill_front_matter() -> None:
     assert re.search(r"^name: apiyi-gpt-image-2-gen$", front, flags=re.M)
     description = re.search(r"^description: (.+)$", front, flags=re.M).group(1)
     assert "gpt-image-2" in description and "APIYI" in description and "edit" in description
+
+
+def test_console_entry_point_is_main() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    target = re.search(r'^apiyi-gpt-image-2-gen = "(.+)"$', pyproject, flags=re.M).group(1)
+    module, function = target.split(":")
+    assert (module, getattr(gi, function)) == ("generate_image", gi.main)

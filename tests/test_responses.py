@@ -272,3 +272,49 @@ def test_error_body_echoing_the_key_is_redacted(online: CliRunner, api: FakeImag
     run = online("-p", "cat", "--json")
     assert run.code == gi.EXIT_AUTH
     assert "Incorrect API key provided: <redacted>" in run.json()["error"]["message"]
+
+
+def test_progress_in_a_log_is_one_line_per_interval(online: CliRunner, api: FakeImagesAPI,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gi, "PROGRESS_LOG_INTERVAL_S", 0.1)
+    api.queue(Reply(body=images_answer([make_png(1024, 1024)]), delay=0.45))
+    run = online("-p", "cat", "-f", "cat.png")
+    assert run.code == 0
+    waits = [line for line in run.err.splitlines() if line.startswith("still waiting: ")]
+    assert 2 <= len(waits) <= 5
+    assert "\r" not in run.err
+
+
+def test_progress_on_a_terminal_is_one_live_line(online: CliRunner, api: FakeImagesAPI,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gi, "PROGRESS_TTY_INTERVAL_S", 0.1)
+    monkeypatch.setattr(gi.sys.stderr, "isatty", lambda: True)
+    api.queue(Reply(body=images_answer([make_png(1024, 1024)]), delay=0.35))
+    run = online("-p", "cat", "-f", "cat.png")
+    assert run.code == 0
+    assert "\rwaiting for the image... 0 s" in run.err
+    assert "still waiting" not in run.err
+    before_saved = run.err.split("saved cat.png")[0]
+    assert before_saved.endswith("\r" + " " * 60 + "\r")
+
+
+def test_quiet_starts_no_progress(online: CliRunner, api: FakeImagesAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gi, "PROGRESS_LOG_INTERVAL_S", 0.05)
+    api.queue(Reply(body=images_answer([make_png(1024, 1024)]), delay=0.2))
+    assert online("-p", "cat", "-f", "cat.png", "--quiet").err == ""
+
+
+def test_base64_values_are_cut_out_without_copying() -> None:
+    image = make_png(64, 64)
+    body = bytearray(json.dumps(images_answer([image, image])).encode())
+    skeleton, values = gi.split_base64_values(body)
+    assert [v.obj for v in values] == [body, body]
+    assert json.loads(skeleton)["data"] == [{"b64_json": ""}, {"b64_json": ""}]
+    assert gi.decode_base64_image(values[1])[0] == image
+
+
+def test_transparent_background_warns_that_it_is_in_preview(online: CliRunner, api: FakeImagesAPI) -> None:
+    run = online("-p", "sticker", "-f", "s.png", "--background", "transparent")
+    assert run.code == 0
+    assert "warning: transparent backgrounds are in preview for gpt-image-2: some gateways refuse them" in run.err
+    assert api.requests[0].json()["background"] == "transparent"
