@@ -38,16 +38,12 @@ exit codes:
 from __future__ import annotations
 
 import argparse
-import base64
 import binascii
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
 import re
-import secrets
 import sys
 import threading
 import time
@@ -589,7 +585,11 @@ def plan_output_path(filename: Optional[str], format_flag: Optional[str], prompt
 
 def default_filename(prompt: str, extension: str, *, now: Optional[float] = None) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return f"{stamp}-{prompt_slug(prompt)}-{secrets.token_hex(3)}{extension}"
+    return f"{stamp}-{prompt_slug(prompt)}-{random_hex(3)}{extension}"
+
+
+def random_hex(nbytes: int) -> str:
+    return os.urandom(nbytes).hex()
 
 
 def prompt_slug(prompt: str, *, max_words: int = 6, max_chars: int = 40) -> str:
@@ -608,7 +608,7 @@ def check_output_folder(folder: Path, *, create: bool) -> None:
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".{TOOL_NAME}-probe-{secrets.token_hex(4)}"
+            probe = folder / f".{TOOL_NAME}-probe-{random_hex(4)}"
             probe.touch(exist_ok=False)
             probe.unlink()
             return
@@ -736,7 +736,7 @@ def quote_form_param(value: str) -> str:
 def encode_multipart(fields: Fields, files: Sequence[tuple[str, InputFile]], *,
                      boundary: Optional[str] = None) -> MultipartBody:
     """Text fields first, then file parts; file bytes stay on disk until sent."""
-    boundary = boundary or secrets.token_hex(16)
+    boundary = boundary or random_hex(16)
     segments: list[Union[bytes, InputFile]] = []
     for name, value in fields.items():
         segments.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{quote_form_param(name)}"\r\n\r\n'
@@ -915,6 +915,8 @@ def parse_retry_after(value: Optional[str], *, now: Optional[float] = None) -> O
 
 def backoff_delay(attempt: int) -> float:
     """Exponential from 0.5 s to 8 s with jitter, so parallel clients do not retry in step."""
+    import random
+
     return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** attempt) * random.uniform(0.75, 1.0)
 
 
@@ -1149,7 +1151,7 @@ def next_free_path(path: Path) -> Path:
 
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write beside the target, then rename: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    temporary = path.with_name(f".{path.name}.{random_hex(4)}.part")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     done = False
     try:
@@ -1195,6 +1197,8 @@ def write_image(data: bytes, target: Path, *, overwrite: bool) -> tuple[Path, st
 
 
 def save_image(data: bytes, info: ImageInfo, target: Path, plan: OutputPlan) -> SavedImage:
+    import hashlib
+
     path, reason = write_image(data, target, overwrite=plan.overwrite)
     return SavedImage(path, info, len(data), hashlib.sha256(data).hexdigest(), reason)
 
@@ -1400,7 +1404,8 @@ def report_result(result: RunResult, console: Console) -> int:
         console.result(str(saved.path))
     revised = first_revised_prompt(result.meta)
     for line in (usage_text(result.meta.get("usage")), f"revised prompt: {revised}" if revised else "",
-                 f"done in {result.elapsed_s:.0f} s"):
+                 f"done in {result.elapsed_s:.0f} s"
+                 + (f" (request id {result.request_id})" if result.request_id else "")):
         if line:
             console.progress(line)
     if console.json_mode:
