@@ -697,23 +697,29 @@ def check_base_url(text: str) -> tuple[str, list[str]]:
     return url, []
 
 
-def resolve_api_key(flag: Optional[str], env: Mapping[str, str], *, required: bool) -> str:
+def resolve_api_key(flag: Optional[str], env: Mapping[str, str], *, required: bool) -> tuple[str, list[str]]:
+    """The key and warnings. Windows CMD keeps the quotes of set KEY="..." in the value; no key has them."""
     key = (flag if flag is not None else env.get(ENV_API_KEY, "")).strip()
+    warnings = []
+    if len(key) >= 2 and key[0] == key[-1] and key[0] in "'\"":
+        key = key[1:-1].strip()
+        warnings.append(f"the API key was wrapped in quotes; they were removed "
+                        f"(in Windows CMD write: set {ENV_API_KEY}=sk-... without quotes)")
     if not key:
         if required:
             raise AuthError(f"no API key: set {ENV_API_KEY} or pass -k",
                             hint="get a key at https://api.apiyi.com (console -> API keys)")
-        return ""
+        return "", warnings
     if any(ch.isspace() or not 0x21 <= ord(ch) <= 0x7E for ch in key):
         raise AuthError("the API key contains spaces or characters that cannot go in a header",
                         hint=f"copy the key again into {ENV_API_KEY}")
-    return key
+    return key, warnings
 
 
 def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[ApiConfig, list[str]]:
-    base_url, warnings = check_base_url(args.base_url or env.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
-    key = resolve_api_key(args.api_key, env, required=not args.dry_run)
-    return ApiConfig(base_url, key, args.timeout, args.retries), warnings
+    base_url, url_warnings = check_base_url(args.base_url or env.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
+    key, key_warnings = resolve_api_key(args.api_key, env, required=not args.dry_run)
+    return ApiConfig(base_url, key, args.timeout, args.retries), url_warnings + key_warnings
 
 
 # --- Request building ---
@@ -854,13 +860,20 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
         return HttpResponse(err.code, lowercase_headers(err.headers), read_error_body(err, deadline=deadline))
     except urllib.error.URLError as err:
         raise ConnectError(f"could not reach {host_of(request.url)}: {reason_text(err.reason)}",
-                           hint="check the network, the proxy settings and --base-url") from None
+                           hint=connect_hint(reason_text(err.reason))) from None
     except (socket.timeout, TimeoutError):
         raise MaybeBilledError(f"no complete answer from {host_of(request.url)} within {timeout_s:g} s",
                                hint=billed_hint(timeout_s)) from None
     except (http.client.HTTPException, OSError) as err:
         raise MaybeBilledError(f"the connection to {host_of(request.url)} dropped after the request was sent: "
                                f"{reason_text(err)}", kind="dropped", hint=billed_hint(timeout_s)) from None
+
+
+def connect_hint(reason: str) -> str:
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        return ("Python cannot verify HTTPS certificates here: on macOS run 'Install Certificates.command' "
+                "from the Python folder, or point SSL_CERT_FILE at a CA bundle")
+    return "check the network, the proxy settings and --base-url"
 
 
 def read_error_body(error: Any, *, deadline: float) -> bytes:
@@ -1459,12 +1472,12 @@ def run_dry(job: ImageJob, config: ApiConfig, console: Console) -> int:
 
 def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
     job = build_job(args, stdin=sys.stdin)
-    config, url_warnings = build_config(args, env)
+    config, config_warnings = build_config(args, env)
     if config.api_key:
         console.secrets.append(config.api_key)
     for note in job.notes:
         console.progress(note)
-    for warning in job.warnings + tuple(url_warnings):
+    for warning in job.warnings + tuple(config_warnings):
         console.warn(warning)
     if args.dry_run:
         return run_dry(job, config, console)

@@ -189,6 +189,23 @@ def test_key_that_cannot_go_in_a_header_exits_3(cli: CliRunner, api: FakeImagesA
     assert api.requests == []
 
 
+@pytest.mark.parametrize("quoted", ['"sk-quoted-key-1234"', "'sk-quoted-key-1234'"])
+def test_quotes_around_the_key_are_removed_with_a_warning(cli: CliRunner, api: FakeImagesAPI,
+                                                          monkeypatch: pytest.MonkeyPatch, quoted: str) -> None:
+    monkeypatch.setenv("APIYI_API_KEY", quoted)
+    run = cli("-p", "cat", "--base-url", api.url, "-f", "cat.png")
+    assert run.code == 0
+    assert api.requests[0].header("Authorization") == "Bearer sk-quoted-key-1234"
+    assert "warning: the API key was wrapped in quotes; they were removed" in run.err
+    assert "sk-quoted-key-1234" not in run.err
+
+
+def test_certificate_failure_gets_a_hint() -> None:
+    assert "Install Certificates.command" in gi.connect_hint(
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local issuer certificate")
+    assert gi.connect_hint("Connection refused") == "check the network, the proxy settings and --base-url"
+
+
 def test_usage_errors_come_before_key_errors(cli: CliRunner) -> None:
     assert cli("-p", "cat", "-s", "1x1").code == gi.EXIT_USAGE
 
