@@ -14,8 +14,16 @@ import generate_image as gi
 from fake_api import FakeImagesAPI, make_image
 
 TEST_KEY = "sk-test-NOT-A-REAL-KEY-0123456789abcdef"
+PYTHONS_USED: dict[str, str] = {}  # version -> interpreter that ran the script in a subprocess test
 CLEARED_ENV = ("APIYI_API_KEY", "APIYI_BASE_URL", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY",
                "ALL_PROXY", "all_proxy", "no_proxy", "NO_PROXY", "PYTHONIOENCODING")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if PYTHONS_USED:
+        by_version = sorted(PYTHONS_USED.items(), key=lambda item: tuple(map(int, item[0].split("."))))
+        ran = ", ".join(f"{version} ({path})" for version, path in by_version)
+        terminalreporter.write_line(f"CPython versions that ran the script: {ran}")
 
 
 @pytest.fixture(autouse=True)

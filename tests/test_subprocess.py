@@ -13,7 +13,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import TEST_KEY
+from conftest import PYTHONS_USED, TEST_KEY
 from fake_api import FakeImagesAPI
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_image.py"
@@ -33,6 +33,7 @@ def python(request: pytest.FixtureRequest) -> str:
     found = find_python(request.param)
     if not found:
         pytest.skip(f"CPython {request.param} is not installed here")
+    PYTHONS_USED[request.param] = found
     return found
 
 
