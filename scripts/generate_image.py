@@ -102,6 +102,7 @@ BACKOFF_MAX_S = 8.0
 RETRY_AFTER_MAX_S = 120.0
 REFUSED_STATUSES = frozenset({400, 404, 413, 415, 422})
 AUTH_STATUSES = frozenset({401, 402, 403})
+QUOTA_ERROR_CODE = "insufficient_quota"
 
 READ_CHUNK = 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
@@ -562,12 +563,12 @@ def normalise_format(value: Optional[str]) -> Optional[str]:
     return None if value is None else FORMAT_ALIASES.get(value.lower(), value.lower())
 
 
-def plan_output_path(filename: Optional[str], format_flag: Optional[str], prompt: str,
-                     *, now: Optional[float] = None) -> tuple[Path, str, bool, list[str]]:
+def plan_output_path(filename: Optional[str], format_flag: Optional[str],
+                     prompt: str) -> tuple[Path, str, bool, list[str]]:
     """The planned output path, its format, whether the format was given, and warnings."""
     if filename is None:
         fmt = format_flag or "png"
-        return Path(default_filename(prompt, FORMAT_EXTENSIONS[fmt], now=now)), fmt, format_flag is not None, []
+        return Path(default_filename(prompt, FORMAT_EXTENSIONS[fmt])), fmt, format_flag is not None, []
     path = Path(filename).expanduser()
     if not path.name or filename.endswith(("/", "\\")):
         raise UsageError(f"-f {filename} names a folder", hint="give a file name, e.g. -f out/cat.png")
@@ -583,8 +584,8 @@ def plan_output_path(filename: Optional[str], format_flag: Optional[str], prompt
     return fixed, fmt, format_flag is not None, warnings
 
 
-def default_filename(prompt: str, extension: str, *, now: Optional[float] = None) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+def default_filename(prompt: str, extension: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{prompt_slug(prompt)}-{random_hex(3)}{extension}"
 
 
@@ -910,7 +911,7 @@ def pause(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def parse_retry_after(value: Optional[str], *, now: Optional[float] = None) -> Optional[float]:
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
     """Retry-After as seconds or an HTTP date, in seconds from now (None when absent or unreadable)."""
     if not value:
         return None
@@ -923,7 +924,7 @@ def parse_retry_after(value: Optional[str], *, now: Optional[float] = None) -> O
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when.timestamp() - time.time())
 
 
 def backoff_delay(attempt: int) -> float:
@@ -937,9 +938,14 @@ def is_retryable(status: int) -> bool:
     return status in RETRY_STATUSES or (status >= 500 and status not in NOT_RETRIED_5XX)
 
 
+def is_account_problem(status: int, code: str) -> bool:
+    """A refused key, or an empty balance: that one comes as 429, but waiting does not refill it."""
+    return status in AUTH_STATUSES or code == QUOTA_ERROR_CODE
+
+
 def should_retry(response: HttpResponse) -> bool:
-    """An empty balance also comes as 429, but waiting does not refill it."""
-    return is_retryable(response.status) and parse_error_body(response.body).get("code") != "insufficient_quota"
+    code = str(parse_error_body(response.body).get("code") or "")
+    return is_retryable(response.status) and not is_account_problem(response.status, code)
 
 
 def retry_delay(response: HttpResponse, attempt: int) -> float:
@@ -998,7 +1004,7 @@ def request_id_of(headers: Mapping[str, str]) -> str:
 
 
 def status_hint(status: int, code: str, config: ApiConfig) -> str:
-    if status in AUTH_STATUSES or code == "insufficient_quota":
+    if is_account_problem(status, code):
         return f"check {ENV_API_KEY} (or -k) and the balance of the account at https://api.apiyi.com"
     if code in ("moderation_blocked", "content_policy_violation"):
         return "the safety system refused it: rephrase the prompt"
@@ -1029,7 +1035,7 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
         text = str(error.get("message") or "") or body_excerpt(response.body) or "(empty body)"
     message = f"HTTP {status}: {text}" + (f" ({', '.join(details)})" if details else "")
     cls: type[ToolError] = ServiceError
-    if status in AUTH_STATUSES or code == "insufficient_quota":
+    if is_account_problem(status, code):
         cls = AuthError
     elif status == 524:
         cls = MaybeBilledError
@@ -1209,10 +1215,10 @@ def write_image(data: bytes, target: Path, *, overwrite: bool) -> tuple[Path, st
     return path, reason
 
 
-def save_image(data: bytes, info: ImageInfo, target: Path, plan: OutputPlan) -> SavedImage:
+def save_image(data: bytes, info: ImageInfo, target: Path, *, overwrite: bool) -> SavedImage:
     import hashlib
 
-    path, reason = write_image(data, target, overwrite=plan.overwrite)
+    path, reason = write_image(data, target, overwrite=overwrite)
     return SavedImage(path, info, len(data), hashlib.sha256(data).hexdigest(), reason)
 
 
@@ -1364,7 +1370,7 @@ def save_all(job: ImageJob, payload: ImagesPayload,
         intended = path_for_format(target, info.format)
         if info.format != job.output.format:
             warnings.append(f"expected {job.output.format} but the image is {info.format}: saved as {intended.name}")
-        saved.append(save_image(data, info, intended, job.output))
+        saved.append(save_image(data, info, intended, overwrite=job.output.overwrite))
         if saved[-1].path != intended and not saved[-1].fallback_reason:
             warnings.append(f"{intended.name} exists: saved as {saved[-1].path.name} (--overwrite replaces it)")
     if problem is None and len(saved) < job.n:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import generate_image as gi
-from conftest import CliRunner
+from conftest import CliRunner, Run
 from fake_api import FakeImagesAPI, make_png
 
 
@@ -264,7 +264,7 @@ def test_help_documents_every_exit_code(cli: CliRunner) -> None:
 
 
 def test_version(cli: CliRunner) -> None:
-    assert cli("--version") == type(cli("--version"))(0, f"generate_image.py {gi.VERSION}\n", "")
+    assert cli("--version") == Run(0, f"generate_image.py {gi.VERSION}\n", "")
 
 
 def test_plain_http_base_url_that_is_not_loopback_warns(cli: CliRunner) -> None:
