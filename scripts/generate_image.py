@@ -11,10 +11,14 @@ to {base}/images/edits. A generation takes 120-150 s, up to 5 min at high
 quality and 4K, and is billed by token: everything is checked before sending,
 and a received image is never thrown away.
 
+With --batch FILE, every item of a JSON/JSONL file is made, -j at a time;
+existing outputs are skipped, so running it again finishes what is missing.
+
 examples:
   generate_image.py -p "一只可爱的橘猫在草地上玩耍" -f cat.png
   generate_image.py -p "Put the cat of image 1 in the garden of image 2" \\
       -i cat.png garden.jpg -f fused.png -s 16:9 -r 2K -q high
+  generate_image.py --batch styles.json -j 4
 
 stdout carries only the saved paths (or one JSON document with --json);
 progress, warnings and errors go to stderr.
@@ -32,6 +36,7 @@ exit codes:
   5    service unavailable or unusable answer, after retries: retry later
   6    timed out or dropped after sending: may have been billed, not retried
   7    image received but saved only to the fallback path printed
+  8    batch finished, but some items failed: run it again to make only those
   130  interrupted
 """
 
@@ -110,6 +115,22 @@ ERROR_EXCERPT_CHARS = 200
 PROGRESS_TTY_INTERVAL_S = 1.0
 PROGRESS_LOG_INTERVAL_S = 15.0
 FALLBACK_FOLDER = "apiyi-gpt-image-2"
+TYPICAL_SECONDS = (120, 150)
+DEFAULT_JOBS = 4
+MAX_JOBS = 16
+# A batch field and the flag for the same setting share one argparse destination.
+BATCH_ITEM_FIELDS = {"prompt": "prompt", "filename": "filename", "size": "size", "resolution": "resolution",
+                     "quality": "quality", "output_format": "output_format",
+                     "output_compression": "output_compression", "input_images": "input_image",
+                     "mask": "mask", "n": "n", "background": "background", "moderation": "moderation",
+                     "model": "model"}
+BATCH_GLOBAL_FIELDS = tuple(f for f in BATCH_ITEM_FIELDS if f not in ("prompt", "filename"))
+BATCH_TOP_KEYS = ("description", "global", "prompts")
+# Where a single-run message names a flag, the batch report names the field.
+MESSAGE_FIELDS = (("--size", "size"), ("--resolution", "resolution"), ("-f ", "filename"),
+                  ("the output folder", "filename"), ("--output-compression", "output_compression"),
+                  ("--mask", "mask"), ("input image", "input_images"), ("--background", "background"),
+                  ("--moderation", "moderation"), ("the prompt", "prompt"), ("-p ", "prompt"))
 REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id")
 
 EXIT_OK = 0
@@ -120,6 +141,7 @@ EXIT_REFUSED = 4
 EXIT_UNAVAILABLE = 5
 EXIT_MAYBE_BILLED = 6
 EXIT_FALLBACK = 7
+EXIT_BATCH_PARTIAL = 8
 EXIT_INTERRUPTED = 130
 
 # --- Exceptions ---
@@ -132,12 +154,13 @@ class ToolError(Exception):
     kind = "error"
 
     def __init__(self, message: str, *, hint: str = "", status: Optional[int] = None,
-                 code: Optional[str] = None, kind: str = "") -> None:
+                 code: Optional[str] = None, kind: str = "", problems: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.status = status
         self.code = code
+        self.problems = tuple(problems)
         if kind:
             self.kind = kind
 
@@ -176,6 +199,11 @@ class MaybeBilledError(ToolError):
 class FallbackSaveError(ToolError):
     exit_code = EXIT_FALLBACK
     kind = "saved_to_fallback"
+
+
+class BatchPartialError(ToolError):
+    exit_code = EXIT_BATCH_PARTIAL
+    kind = "batch_partial"
 
 
 class InterruptedRun(ToolError):
@@ -325,7 +353,73 @@ class RunResult:
     error: Optional[ToolError] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    number: int
+    job: ImageJob
+    done_paths: tuple[Path, ...] = ()
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self.done_paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    source: Path
+    description: str
+    items: tuple[BatchItem, ...]
+    manifest: Path
+    jobs: int
+
+    @property
+    def to_run(self) -> list[BatchItem]:
+        return [item for item in self.items if not item.skipped]
+
+
 # --- Validation ---
+
+
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
+        return value
+
+    return convert
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
+def choice_of(choices: Sequence[str], *, transform: Callable[[str], str] = str.lower) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        value = transform(text.strip())
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return convert
+
+
+def setting_converters() -> dict[str, Callable[[str], Any]]:
+    """One converter per setting: argparse's type= for a flag, and the check of a batch field."""
+    return {"resolution": choice_of(tuple(RESOLUTION_LONG_EDGES), transform=str.upper),
+            "quality": choice_of(QUALITIES), "n": int_in_range(MIN_N, MAX_N),
+            "background": choice_of(BACKGROUNDS), "moderation": choice_of(MODERATIONS),
+            "output_format": choice_of(OUTPUT_FORMATS + tuple(FORMAT_ALIASES)),
+            "output_compression": int_in_range(0, 100)}
 
 
 def parse_size_text(text: str) -> tuple[str, int, int]:
@@ -363,30 +457,36 @@ def valid_heights_for(width: int) -> range:
 
 
 def nearest_valid_size(width: float, height: float) -> tuple[int, int]:
-    """The valid size closest to width x height, measured as relative change of each edge."""
+    """The valid size closest to width x height, measured as relative change of each edge,
+    after the shape is brought within the ratio and pixel limits (so 17x3 stays landscape)."""
+    width, height = fit_within_limits(max(width, 1.0), max(height, 1.0))
     best: tuple[float, int, int] = (math.inf, 0, 0)
-    target_w, target_h = max(width, 1.0), max(height, 1.0)
     for w in range(SIZE_MULTIPLE, MAX_EDGE + 1, SIZE_MULTIPLE):
         heights = valid_heights_for(w)
         if not heights:
             continue
-        below = min(max(heights[0], int(target_h) // SIZE_MULTIPLE * SIZE_MULTIPLE), heights[-1])
+        below = min(max(heights[0], int(height) // SIZE_MULTIPLE * SIZE_MULTIPLE), heights[-1])
         for h in (below, min(below + SIZE_MULTIPLE, heights[-1])):
-            cost = abs(math.log(w / target_w)) + abs(math.log(h / target_h))
+            cost = abs(math.log(w / width)) + abs(math.log(h / height))
             best = min(best, (cost, w, h))
     return best[1], best[2]
 
 
-def size_for_ratio(ratio_w: int, ratio_h: int, resolution: str) -> tuple[int, int]:
-    """Long edge from the resolution, short edge from the ratio, then scaled into the pixel limits."""
-    long_edge = RESOLUTION_LONG_EDGES[resolution]
-    scale = long_edge / max(ratio_w, ratio_h)
-    width, height = ratio_w * scale, ratio_h * scale
+def fit_within_limits(width: float, height: float) -> tuple[float, float]:
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        width, height = (height * MAX_ASPECT, height) if width > height else (width, width * MAX_ASPECT)
     pixels = width * height
     if not MIN_PIXELS <= pixels <= MAX_PIXELS:
         factor = math.sqrt((MAX_PIXELS if pixels > MAX_PIXELS else MIN_PIXELS) / pixels)
         width, height = width * factor, height * factor
-    return nearest_valid_size(width, height)
+    return width, height
+
+
+def size_for_ratio(ratio_w: int, ratio_h: int, resolution: str) -> tuple[int, int]:
+    """Long edge from the resolution, short edge from the ratio, then into the limits."""
+    long_edge = RESOLUTION_LONG_EDGES[resolution]
+    scale = long_edge / max(ratio_w, ratio_h)
+    return nearest_valid_size(ratio_w * scale, ratio_h * scale)
 
 
 def resolve_size(text: Optional[str], resolution: Optional[str]) -> tuple[Optional[str], str]:
@@ -653,7 +753,7 @@ def check_combinations(args: argparse.Namespace, fmt: str) -> list[str]:
     return []
 
 
-def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]]) -> ImageJob:
+def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_folder: bool) -> ImageJob:
     """Every check that needs no network, in the order a user would fix them."""
     prompt = read_prompt(args.prompt, stdin)
     size, size_note = resolve_size(args.size, args.resolution)
@@ -661,12 +761,209 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]]) -> ImageJob
     warnings += check_combinations(args, fmt)
     images = tuple(check_input_file(p, role="input image", limit=MAX_INPUT_BYTES) for p in args.input_image or ())
     mask = check_mask(args.mask, images[0]) if args.mask else None
-    check_output_folder(path.parent, create=not args.dry_run)
+    check_output_folder(path.parent, create=create_folder)
     fields = collect_fields(args, prompt=prompt, size=size, fmt=fmt, format_given=format_given)
     return ImageJob(prompt=prompt, fields=fields, images=images, mask=mask,
                     output=OutputPlan(path, fmt, args.overwrite, args.metadata),
                     notes=(size_note,) if size_note else (),
                     warnings=tuple(warnings))
+
+
+def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
+    """The description, the global settings and the raw items of a JSON, JSONL or bare-list file."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as err:
+        raise UsageError(f"--batch {path}: {err.strerror or err}", hint="check the path") from None
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--batch {path} is not UTF-8 (byte {err.start})", hint="save it as UTF-8") from None
+    try:
+        document = json.loads(text)
+    except ValueError as err:
+        document = parse_jsonl(text, path, err)
+    if isinstance(document, list):
+        items, description, settings = document, "", {}
+    elif isinstance(document, dict):
+        unknown = sorted(set(document) - set(BATCH_TOP_KEYS))
+        if unknown:
+            raise UsageError(f"--batch {path}: unknown top-level key {unknown[0]!r}",
+                             hint=f"the keys are {', '.join(BATCH_TOP_KEYS)} (see references/batch-template.md)")
+        items, description, settings = document.get("prompts"), document.get("description", ""), \
+            document.get("global", {})
+    else:
+        raise UsageError(f"--batch {path} holds a JSON {type(document).__name__}, not a batch",
+                         hint='use {"prompts": [...]}, a list, or one item per line (JSONL)')
+    if not isinstance(items, list) or not items:
+        raise UsageError(f"--batch {path} has no prompts", hint='add "prompts": ["a cat", "a dog"]')
+    return str(description), settings, items
+
+
+def parse_jsonl(text: str, path: Path, json_error: ValueError) -> list[Any]:
+    """One item per line; blank lines and lines starting with # are skipped."""
+    items: list[Any] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            items.append(json.loads(stripped))
+        except ValueError as err:
+            failure = err if items else json_error
+            where = f"line {number}" if items else "it"
+            raise UsageError(f"--batch {path}: {where} is not valid JSON or JSONL: {failure}",
+                             hint="see references/batch-template.md") from None
+    return items
+
+
+def batch_settings(raw: Any, *, allowed: Sequence[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """A batch item or the global block as checked settings, with (field, problem) pairs."""
+    if isinstance(raw, str) and "prompt" in allowed:
+        raw = {"prompt": raw}
+    if not isinstance(raw, dict):
+        return {}, [("", "must be " + ("a prompt or " if "prompt" in allowed else "") + "a JSON object")]
+    settings, problems = {}, []
+    for field, value in raw.items():
+        if field.startswith(("_", "#")):
+            continue
+        if field not in allowed:
+            problems.append((field, f"unknown field; the fields are {', '.join(allowed)}"))
+            continue
+        try:
+            settings[field] = convert_batch_value(field, value)
+        except argparse.ArgumentTypeError as err:
+            problems.append((field, str(err)))
+    if "prompt" in allowed and "prompt" not in settings and not any(f == "prompt" for f, _ in problems):
+        problems.append(("prompt", "missing"))
+    return settings, problems
+
+
+def convert_batch_value(field: str, value: Any) -> Any:
+    """The same checks as the flag's: choices, ranges; input_images is a list of paths."""
+    if field == "input_images":
+        paths = [value] if isinstance(value, str) else value
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p.strip() for p in paths):
+            raise argparse.ArgumentTypeError("must be a list of image paths")
+        return paths
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise argparse.ArgumentTypeError(f"must be text or a whole number, not {json.dumps(value)[:40]}")
+    return setting_converters().get(field, str)(str(value))
+
+
+def merge_item_args(args: argparse.Namespace, layers: Sequence[Mapping[str, Any]], *,
+                    folder: Path, out_dir: Optional[Path]) -> argparse.Namespace:
+    """Command-line flags, then global, then the item; relative paths from the batch file's folder
+    (outputs from --out-dir). An inherited -r or -c is dropped where it cannot apply to the item."""
+    merged = argparse.Namespace(**vars(args))
+    for layer in layers:
+        for field, value in layer.items():
+            if field == "filename":
+                value = str((out_dir or folder) / Path(value).expanduser())
+            elif field in ("input_images", "mask"):
+                value = [str(folder / Path(v).expanduser()) for v in value] if field == "input_images" \
+                    else str(folder / Path(value).expanduser())
+            setattr(merged, BATCH_ITEM_FIELDS[field], value)
+    own = layers[-1]
+    if "resolution" not in own and merged.resolution and ":" not in (merged.size or "").replace("：", ":"):
+        merged.resolution = None
+    if "output_compression" not in own and merged.output_compression is not None \
+            and planned_format(merged) == "png":
+        merged.output_compression = None
+    return merged
+
+
+def planned_format(args: argparse.Namespace) -> str:
+    suffix = Path(args.filename or "").suffix.lower()
+    return normalise_format(args.output_format) or EXTENSION_FORMATS.get(suffix, "png")
+
+
+def auto_filename(number: int, width: int, args: argparse.Namespace) -> str:
+    return f"{number:0{width}d}-{prompt_slug(args.prompt)}{FORMAT_EXTENSIONS[planned_format(args)]}"
+
+
+def field_in_message(message: str) -> str:
+    return next((field for start, field in MESSAGE_FIELDS if message.startswith(start)), "")
+
+
+def batch_problem(where: str, field: str, problem: str) -> str:
+    return f"{where}{', ' + field if field else ''}: {problem}"
+
+
+def duplicate_targets(jobs: Sequence[tuple[int, ImageJob]]) -> list[str]:
+    """Two items writing one file would pay twice for one image; case-insensitive as on Windows and macOS."""
+    owners: dict[str, int] = {}
+    problems = []
+    for number, job in jobs:
+        for path in output_paths(job.output, job.n):
+            owner = owners.setdefault(os.path.abspath(path).casefold(), number)
+            if owner != number:
+                problems.append(batch_problem(f"item {number}", "filename", f"{path} is also written by item {owner}"))
+    return problems
+
+
+def batch_jobs(args: argparse.Namespace, source: Path,
+               global_raw: Any, raw_items: Sequence[Any]) -> tuple[list[tuple[int, ImageJob]], list[str]]:
+    """Every item checked as a single run would be; all problems are collected, not just the first."""
+    out_dir = Path(args.out_dir).expanduser() if args.out_dir else None
+    global_settings, global_problems = batch_settings(global_raw, allowed=BATCH_GLOBAL_FIELDS)
+    problems = [batch_problem("global", field, text) for field, text in global_problems]
+    jobs, width = [], max(2, len(str(len(raw_items))))
+    for number, raw in enumerate(raw_items, 1):
+        settings, item_problems = batch_settings(raw, allowed=tuple(BATCH_ITEM_FIELDS))
+        problems += [batch_problem(f"item {number}", field, text) for field, text in item_problems]
+        if item_problems:
+            continue
+        merged = merge_item_args(args, (global_settings, settings), folder=source.parent, out_dir=out_dir)
+        if merged.filename is None:
+            merged.filename = str((out_dir or source.parent) / auto_filename(number, width, merged))
+        try:
+            jobs.append((number, build_job(merged, stdin=None, create_folder=False)))
+        except UsageError as err:
+            problems.append(batch_problem(f"item {number}", field_in_message(err.message), err.message))
+    return jobs, problems + duplicate_targets(jobs)
+
+
+def recorded_outputs(manifest: Path) -> dict[str, list[str]]:
+    """Planned path -> files written, from the ok lines of an earlier run's manifest."""
+    done: dict[str, list[str]] = {}
+    try:
+        lines = manifest.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return done
+    except OSError as err:
+        raise UsageError(f"the manifest {manifest} cannot be read: {err.strerror or err}") from None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("status") in ("ok", "skipped") and record.get("target"):
+            done[str(record["target"])] = [str(p) for p in record.get("paths") or []]
+    return done
+
+
+def existing_outputs(job: ImageJob, recorded: Mapping[str, list[str]]) -> tuple[Path, ...]:
+    """The item's files when all are on disk: under the planned names, or the names the manifest
+    recorded (the server may have answered in another format than asked)."""
+    for paths in ([str(p) for p in output_paths(job.output, job.n)], recorded.get(str(job.output.path), [])):
+        if paths and all(Path(p).is_file() for p in paths):
+            return tuple(Path(p) for p in paths)
+    return ()
+
+
+def plan_batch(args: argparse.Namespace) -> BatchPlan:
+    source = Path(args.batch).expanduser()
+    description, global_raw, raw_items = read_batch_file(source)
+    jobs, problems = batch_jobs(args, source, global_raw, raw_items)
+    if problems:
+        raise UsageError(f"--batch {source}: {len(problems)} problem{'s' if len(problems) > 1 else ''}, "
+                         "nothing was sent:\n  " + "\n  ".join(problems), problems=problems,
+                         hint="fix the items named, then run the same command again")
+    manifest = (Path(args.out_dir).expanduser() if args.out_dir else source.parent) / f"{source.stem}.results.jsonl"
+    check_output_folder(manifest.parent, create=False)
+    recorded = {} if args.overwrite else recorded_outputs(manifest)
+    items = tuple(BatchItem(number, job, () if args.overwrite else existing_outputs(job, recorded))
+                  for number, job in jobs)
+    return BatchPlan(source, description, items, manifest, args.jobs or DEFAULT_JOBS)
 
 
 def is_loopback_host(host: str) -> bool:
@@ -959,23 +1256,64 @@ def retry_delay(response: HttpResponse, attempt: int) -> float:
     return wait
 
 
-def send_with_retries(request: HttpRequest, config: ApiConfig, *,
-                      notify: Callable[[str], None]) -> HttpResponse:
+class Gate:
+    """Admits requests: at most `limit` in flight, none before `resume_at`. The workers of a
+    batch share one, so a 429 slows the whole batch, not just the worker that received it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.resume_at = 0.0
+        self.changed = threading.Condition()
+
+    def enter(self) -> None:
+        with self.changed:
+            wait = self.resume_at - time.monotonic()
+        if wait > 0:
+            pause(wait)
+        with self.changed:
+            while self.active >= self.limit:
+                self.changed.wait()
+            self.active += 1
+
+    def leave(self) -> None:
+        with self.changed:
+            self.active -= 1
+            self.changed.notify_all()
+
+    def hold_off(self, delay: float, *, throttled: bool) -> Optional[int]:
+        """Nobody sends for `delay` s; a 429 also halves the concurrency for the rest of the run.
+        Returns the new limit when it changed."""
+        with self.changed:
+            self.resume_at = max(self.resume_at, time.monotonic() + delay)
+            if not throttled or self.limit == 1:
+                return None
+            self.limit = max(1, self.limit // 2)
+            return self.limit
+
+
+def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callable[[str], None],
+                      gate: Optional[Gate] = None) -> HttpResponse:
     """Retry what cannot have been billed: connection failures, 408/409/429 and 5xx."""
+    gate = gate or Gate(1)
     for attempt in range(config.retries + 1):
         last = attempt == config.retries
+        gate.enter()
         try:
             response = send_request(request, timeout_s=config.timeout_s)
         except ConnectError as err:
             if last:
                 raise
-            delay, reason = backoff_delay(attempt), err.message
+            delay, reason, status = backoff_delay(attempt), err.message, 0
         else:
             if last or not should_retry(response):
                 return response
-            delay, reason = retry_delay(response, attempt), f"HTTP {response.status}"
-        notify(f"{reason}; retry {attempt + 1} of {config.retries} in {delay:.1f} s")
-        pause(delay)
+            delay, reason, status = retry_delay(response, attempt), f"HTTP {response.status}", response.status
+        finally:
+            gate.leave()
+        limit = gate.hold_off(delay, throttled=status == 429)
+        slower = f"; at most {limit} requests in flight from now" if limit else ""
+        notify(f"{reason}; retry {attempt + 1} of {config.retries} in {delay:.1f} s{slower}")
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
@@ -1339,12 +1677,13 @@ def start_line(job: ImageJob) -> str:
             + ": usually 120-150 s, up to 5 min at high quality or 4K")
 
 
-def fetch_images(job: ImageJob, config: ApiConfig, console: Console) -> tuple[HttpResponse, float]:
+def fetch_images(job: ImageJob, config: ApiConfig, console: Console, *,
+                 gate: Optional[Gate] = None) -> tuple[HttpResponse, float]:
     request = build_request(job, config)
     console.progress(start_line(job))
     started = time.monotonic()
     with ProgressTicker(console, started):
-        response = send_with_retries(request, config, notify=console.progress)
+        response = send_with_retries(request, config, notify=console.progress, gate=gate)
     if not 200 <= response.status < 300:
         raise error_for_status(response, config)
     return response, time.monotonic() - started
@@ -1387,8 +1726,13 @@ def size_warnings(job: ImageJob, saved: Sequence[SavedImage]) -> list[str]:
 
 
 def run_job(job: ImageJob, config: ApiConfig, console: Console) -> RunResult:
-    """One request, every image in its answer saved; a single-run command and a batch item alike."""
+    """One request, every image in its answer saved."""
     response, elapsed = fetch_images(job, config, console)
+    return save_answer(job, response, elapsed, config)
+
+
+def save_answer(job: ImageJob, response: HttpResponse, elapsed: float, config: ApiConfig) -> RunResult:
+    """Decode and write what a 2xx answer holds; a single run and a batch item alike."""
     payload = parse_images_response(response.body)
     saved, warnings, problem = save_all(job, payload, config)
     request_id = request_id_of(response.headers)
@@ -1452,8 +1796,17 @@ def result_document(result: RunResult) -> dict[str, Any]:
 
 
 def error_document(err: ToolError) -> dict[str, Any]:
-    return {"kind": err.kind, "message": err.message, "status": err.status, "code": err.code,
-            "hint": err.hint or None, "exit_code": err.exit_code}
+    document = {"kind": err.kind, "message": err.message, "status": err.status, "code": err.code,
+                "hint": err.hint or None, "exit_code": err.exit_code}
+    return {**document, "problems": list(err.problems)} if err.problems else document
+
+
+def body_lines(described: Mapping[str, Any]) -> list[str]:
+    if "json" in described:
+        return [json.dumps(described["json"], ensure_ascii=False, indent=2)]
+    return ([f"field {k} = {v}" for k, v in described["fields"].items()]
+            + [f"file {f['name']}: {f['filename']} ({f['content_type']}, {f['bytes']:,} bytes, "
+               f"{f['width']}x{f['height']})" for f in described["files"]])
 
 
 def run_dry(job: ImageJob, config: ApiConfig, console: Console) -> int:
@@ -1465,19 +1818,311 @@ def run_dry(job: ImageJob, config: ApiConfig, console: Console) -> int:
         return EXIT_OK
     lines = [f"{described['method']} {described['url']}"]
     lines += [f"{name}: {value}" for name, value in described["headers"].items()]
-    if "json" in described:
-        lines += ["", json.dumps(described["json"], ensure_ascii=False, indent=2)]
-    else:
-        lines += [""] + [f"field {k} = {v}" for k, v in described["fields"].items()]
-        lines += [f"file {f['name']}: {f['filename']} ({f['content_type']}, {f['bytes']:,} bytes, "
-                  f"{f['width']}x{f['height']})" for f in described["files"]]
-    lines += [""] + [f"output: {path}" for path in outputs]
+    lines += [""] + body_lines(described) + [""] + [f"output: {path}" for path in outputs]
     console.result("\n".join(lines))
     return EXIT_OK
 
 
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+def batch_estimate(count: int, jobs: int) -> str:
+    rounds = math.ceil(count / jobs)
+    low, high = (rounds * s for s in TYPICAL_SECONDS)
+    return (f"about {clock(low)}-{clock(high)} ({rounds} round{'s' if rounds > 1 else ''} of "
+            f"{TYPICAL_SECONDS[0]}-{TYPICAL_SECONDS[1]} s at -j {jobs}; longer at high quality or 4K)")
+
+
+def item_record(item: BatchItem, status: str, *, result: Optional[RunResult] = None,
+                error: Optional[ToolError] = None, elapsed_s: float = 0.0) -> dict[str, Any]:
+    """One manifest line, and one entry of the --json summary."""
+    files = result.files if result else ()
+    paths = [str(s.path) for s in files] if result else [str(p) for p in item.done_paths]
+    return {"item": item.number, "prompt": item.job.prompt, "status": status,
+            "target": str(item.job.output.path), "paths": paths,
+            "sizes": [f"{s.info.width}x{s.info.height}" for s in files],
+            "usage": result.meta.get("usage") if result else None,
+            "request_id": (result.request_id or None) if result else None,
+            "elapsed_s": round(elapsed_s, 3), "error": error_document(error) if error else None,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def append_manifest(path: Path, record: Mapping[str, Any]) -> None:
+    """Appended and synced as each item ends, never rewritten: a crash loses nothing recorded."""
+    with open(path, "a", encoding="utf-8", newline="\n") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def total_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for record in records:
+        usage = record.get("usage") if isinstance(record.get("usage"), dict) else {}
+        for key in ("input_tokens", "output_tokens", "total_tokens"):
+            if isinstance(usage.get(key), int):
+                totals[key] = totals.get(key, 0) + usage[key]
+    return totals
+
+
+class BatchRun:
+    """A batch in progress: workers take items in order and share one Gate; all state is under one lock."""
+
+    def __init__(self, plan: BatchPlan, config: ApiConfig, console: Console) -> None:
+        self.plan, self.config, self.console = plan, config, console
+        self.gate = Gate(plan.jobs)
+        self.lock = threading.Lock()
+        self.pending = list(reversed(plan.to_run))
+        self.records: dict[int, dict[str, Any]] = {}
+        self.running: set[int] = set()
+        self.saving = 0
+        self.stop_error: Optional[ToolError] = None
+        self.crashed = False
+        self.workers_left = 0
+        self.all_done = threading.Event()
+        self.started = time.monotonic()
+        self.item_console = Console(json_mode=True, quiet=True)
+
+    def start(self) -> None:
+        for item in self.plan.items:
+            if item.skipped:
+                self.finish(item, item_record(item, "skipped"))
+        workers = min(self.plan.jobs, len(self.pending))
+        self.workers_left = workers
+        if not workers:
+            self.all_done.set()
+        for _ in range(workers):
+            threading.Thread(target=self.work, daemon=True).start()
+
+    def take(self) -> Optional[BatchItem]:
+        with self.lock:
+            if self.stop_error or not self.pending:
+                return None
+            item = self.pending.pop()
+            self.running.add(item.number)
+            return item
+
+    def stop(self, error: ToolError) -> None:
+        """No new item starts; those in flight finish (they are being paid for)."""
+        with self.lock:
+            self.stop_error = self.stop_error or error
+
+    def work(self) -> None:
+        try:
+            item = self.take()
+            while item is not None:
+                self.run_item(item)
+                item = self.take()
+        finally:
+            with self.lock:
+                self.workers_left -= 1
+                if not self.workers_left:
+                    self.all_done.set()
+
+    def run_item(self, item: BatchItem) -> None:
+        started, done = time.monotonic(), False
+        try:
+            response, elapsed = fetch_images(item.job, self.config, self.item_console, gate=self.gate)
+        except ToolError as err:
+            if isinstance(err, AuthError):
+                self.stop(err)
+            self.finish(item, item_record(item, "failed", error=err, elapsed_s=time.monotonic() - started))
+            return
+        with self.lock:
+            self.saving += 1
+        try:
+            try:
+                result = save_answer(item.job, response, elapsed, self.config)
+                record = item_record(item, "failed" if result.error else "ok", result=result,
+                                     error=result.error, elapsed_s=elapsed)
+            except ToolError as err:
+                record = item_record(item, "failed", error=err, elapsed_s=elapsed)
+            self.finish(item, record)
+            done = True
+        finally:
+            with self.lock:
+                self.saving -= 1
+                self.crashed = self.crashed or not done
+
+    def finish(self, item: BatchItem, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.running.discard(item.number)
+            self.records[item.number] = record
+            try:
+                append_manifest(self.plan.manifest, record)
+            except OSError as err:
+                self.console.warn(f"the manifest {self.plan.manifest} could not be written: {err.strerror or err}")
+            self.report_item(record)
+
+    def report_item(self, record: Mapping[str, Any]) -> None:
+        position = f"[{len(self.records)}/{len(self.plan.items)}] item {record['item']}"
+        if record["status"] == "skipped":
+            self.console.progress(f"{position} skipped, already done: {', '.join(record['paths'])}")
+            return
+        for path in record["paths"]:
+            self.console.result(path)
+        if record["error"]:
+            error = record["error"]
+            self.console.progress(f"{position} failed (exit {error['exit_code']}, {error['kind']}): "
+                                  f"{error['message']}")
+        else:
+            self.console.progress(f"{position} ok in {record['elapsed_s']:.0f} s: {', '.join(record['paths'])}")
+
+    def status_line(self) -> str:
+        with self.lock:
+            ended = [r for r in self.records.values() if r["status"] != "skipped"]
+            failed = sum(r["status"] == "failed" for r in ended)
+            left = len(self.pending) + len(self.running)
+            average = sum(r["elapsed_s"] for r in ended) / len(ended) if ended else sum(TYPICAL_SECONDS) / 2
+            rounds = math.ceil(left / max(1, self.gate.limit))
+            elapsed = time.monotonic() - self.started
+            return (f"batch: {len(ended) - failed} done, {failed} failed, {len(self.running)} running, "
+                    f"{len(self.plan.items)} total; {clock(elapsed)} elapsed, ~{clock(rounds * average)} left")
+
+    def wait(self) -> None:
+        live = sys.stderr.isatty() and not self.console.quiet
+        while not self.all_done.wait(PROGRESS_TTY_INTERVAL_S if live else 0.1):
+            if live:
+                self.console.live(self.status_line())
+        self.console.end_live()
+
+    def abort(self) -> None:
+        """A second Ctrl-C: leave now, but not in the middle of writing a file or a manifest line."""
+        with self.lock:
+            self.stop_error = InterruptedRun("aborted; the requests in flight were abandoned and may be billed",
+                                             hint="run the same command again to finish what is missing")
+        deadline = time.monotonic() + 10
+        while self.saving and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def run_batch(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
+    runnable = len(plan.to_run)
+    console.progress(f"batch {plan.source}: {len(plan.items)} items, {len(plan.items) - runnable} already done, "
+                     f"{runnable} to generate at -j {plan.jobs}: {batch_estimate(runnable, plan.jobs)}"
+                     if runnable else f"batch {plan.source}: all {len(plan.items)} items are already done")
+    plan.manifest.parent.mkdir(parents=True, exist_ok=True)
+    run = BatchRun(plan, config, console)
+    run.start()
+    try:
+        run.wait()
+    except KeyboardInterrupt:
+        run.stop(InterruptedRun("interrupted; the items in flight were saved, run the same command to finish"))
+        console.progress(f"interrupted: waiting for {len(run.running)} request(s) in flight, they are being "
+                         "paid for (press Ctrl-C again to abort at once)")
+        try:
+            run.wait()
+        except KeyboardInterrupt:
+            run.abort()
+    return report_batch(run, console)
+
+
+def batch_outcome(run: BatchRun, failed: Sequence[Mapping[str, Any]]) -> Optional[ToolError]:
+    if run.crashed:
+        return ToolError("a batch worker crashed (traceback above); run the same command to finish")
+    if run.stop_error:
+        return run.stop_error
+    if failed:
+        return BatchPartialError(f"{len(failed)} of {len(run.plan.items)} items failed",
+                                 hint="run the same command again: only what is missing is generated")
+    return None
+
+
+def report_batch(run: BatchRun, console: Console) -> int:
+    plan = run.plan
+    records = [run.records[item.number] for item in plan.items if item.number in run.records]
+    counts = {status: sum(r["status"] == status for r in records) for status in ("ok", "failed", "skipped")}
+    counts = {"total": len(plan.items), **counts, "not_run": len(plan.items) - len(records)}
+    failed = [r for r in records if r["status"] == "failed"]
+    for record in failed:
+        console.progress(f"item {record['item']} failed (exit {record['error']['exit_code']}): "
+                         f"{record['error']['message']}")
+    elapsed = time.monotonic() - run.started
+    usage = total_usage(records)
+    console.progress(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped, "
+                     f"{counts['not_run']} not run, of {counts['total']} in {clock(elapsed)}"
+                     + (f"; {usage_text(usage)}" if usage else "") + f"; manifest {plan.manifest}")
+    outcome = batch_outcome(run, failed)
+    if console.json_mode:
+        not_run = [{"item": i.number, "prompt": i.job.prompt, "status": "not_run"}
+                   for i in plan.items if i.number not in run.records]
+        console.document({"ok": outcome is None, "batch": str(plan.source), "description": plan.description,
+                          "manifest": str(plan.manifest), "counts": counts,
+                          "items": sorted(records + not_run, key=lambda r: r["item"]), "usage": usage,
+                          "elapsed_s": round(elapsed, 3),
+                          **({"error": error_document(outcome)} if outcome else {})})
+    if outcome:
+        console.error(outcome)
+        return outcome.exit_code
+    return EXIT_OK
+
+
+def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
+    entries = []
+    for item in plan.items:
+        outputs = [str(p) for p in item.done_paths or output_paths(item.job.output, item.job.n)]
+        request = None if item.skipped else describe_request(build_request(item.job, config), item.job, config)
+        entries.append({"item": item.number, "skip": item.skipped, "request": request, "outputs": outputs})
+    runnable = len(plan.to_run)
+    summary = (f"{len(plan.items)} items: {runnable} to send, {len(plan.items) - runnable} already done; "
+               + batch_estimate(runnable, plan.jobs))
+    if console.json_mode:
+        console.document({"ok": True, "dry_run": True, "batch": str(plan.source), "manifest": str(plan.manifest),
+                          "jobs": plan.jobs, "items": entries, "to_send": runnable, "estimate": summary})
+        return EXIT_OK
+    lines = []
+    for entry in entries:
+        request = entry["request"]
+        if request is None:
+            lines.append(f"item {entry['item']}: already done, skipped: {', '.join(entry['outputs'])}")
+            continue
+        lines += [f"item {entry['item']}: {request['method']} {request['url']}", *body_lines(request)]
+        lines += [f"output: {path}" for path in entry["outputs"]] + [""]
+    console.result("\n".join(lines + [f"manifest: {plan.manifest}", summary]))
+    return EXIT_OK
+
+
+def check_mode_flags(args: argparse.Namespace) -> None:
+    if args.batch is None:
+        if args.prompt is None:
+            raise UsageError("no prompt: give -p TEXT, or --batch FILE for many images", hint=f"see {PROG} --help")
+        extra = next((flag for flag, value in (("--out-dir", args.out_dir), ("--jobs", args.jobs)) if value), None)
+        if extra:
+            raise UsageError(f"{extra} applies to --batch only", hint=f"drop {extra}, or add --batch FILE")
+        return
+    given = next((flag for flag, value in (("-p", args.prompt), ("-f", args.filename)) if value is not None), None)
+    if given:
+        raise UsageError(f"{given} cannot be combined with --batch: each item of the file has its own",
+                         hint=f"drop {given}; set prompt and filename in the batch file")
+
+
+def run_batch_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
+    plan = plan_batch(args)
+    config, config_warnings = build_config(args, env)
+    if config.api_key:
+        console.secrets.append(config.api_key)
+    if plan.description:
+        console.progress(plan.description)
+    by_text: dict[str, list[str]] = {}
+    for item in plan.items:
+        for warning in item.job.warnings:
+            by_text.setdefault(warning, []).append(str(item.number))
+    for warning, numbers in by_text.items():
+        console.warn(f"item {', '.join(numbers)}: {warning}")
+    for warning in config_warnings:
+        console.warn(warning)
+    if args.dry_run:
+        return run_batch_dry(plan, config, console)
+    return run_batch(plan, config, console)
+
+
 def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
-    job = build_job(args, stdin=sys.stdin)
+    check_mode_flags(args)
+    if args.batch is not None:
+        return run_batch_command(args, console, env)
+    job = build_job(args, stdin=sys.stdin, create_folder=not args.dry_run)
     config, config_warnings = build_config(args, env)
     if config.api_key:
         console.secrets.append(config.api_key)
@@ -1505,58 +2150,26 @@ class CliParser(argparse.ArgumentParser):
         raise ParserExit(status)
 
 
-def int_in_range(low: int, high: int) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
-        return value
-
-    return convert
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text} must be above 0")
-    return value
-
-
-def choice_of(choices: Sequence[str], *, transform: Callable[[str], str] = str.lower) -> Callable[[str], str]:
-    def convert(text: str) -> str:
-        value = transform(text.strip())
-        if value not in choices:
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
-        return value
-
-    return convert
-
-
 def build_parser() -> CliParser:
     parser = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False)
+    convert = setting_converters()
     what = parser.add_argument_group("what to make")
-    what.add_argument("-p", "--prompt", required=True, metavar="TEXT",
+    what.add_argument("-p", "--prompt", metavar="TEXT",
                       help="the prompt, sent exactly as given; - reads it from stdin (UTF-8); at most 32000 characters")
     what.add_argument("-s", "--size", metavar="SIZE",
                       help=f"auto (the server's default), a preset ({', '.join(SIZE_PRESETS)}), any WxH (edges "
                            "multiples of 16, at most 3840, ratio at most 3:1, 655,360-8,294,400 pixels) or a ratio "
                            "W:H such as 16:9 with -r")
-    what.add_argument("-r", "--resolution", type=choice_of(tuple(RESOLUTION_LONG_EDGES), transform=str.upper),
+    what.add_argument("-r", "--resolution", type=convert["resolution"],
                       metavar="{1K,2K,4K}", help="long edge for a W:H size: 1K=1024, 2K=2048, 4K=3840 (default 1K)")
-    what.add_argument("-q", "--quality", type=choice_of(QUALITIES), metavar="{" + ",".join(QUALITIES) + "}",
+    what.add_argument("-q", "--quality", type=convert["quality"], metavar="{" + ",".join(QUALITIES) + "}",
                       help="low (drafts), medium, high (final, fine text) or auto (the server's default)")
-    what.add_argument("-n", "--n", type=int_in_range(MIN_N, MAX_N), metavar="N",
+    what.add_argument("-n", "--n", type=convert["n"], metavar="N",
                       help="images in one request, 1-10; files are then NAME-1, NAME-2, ...")
-    what.add_argument("--background", type=choice_of(BACKGROUNDS), metavar="{" + ",".join(BACKGROUNDS) + "}",
+    what.add_argument("--background", type=convert["background"], metavar="{" + ",".join(BACKGROUNDS) + "}",
                       help="transparent needs png or webp (in preview for gpt-image-2)")
-    what.add_argument("--moderation", type=choice_of(MODERATIONS), metavar="{" + ",".join(MODERATIONS) + "}",
+    what.add_argument("--moderation", type=convert["moderation"], metavar="{" + ",".join(MODERATIONS) + "}",
                       help="content filter strictness; text-to-image only")
     what.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME", help="model name (default %(default)s)")
     inputs = parser.add_argument_group("input images (edit and fusion)")
@@ -1569,9 +2182,9 @@ def build_parser() -> CliParser:
     output = parser.add_argument_group("output")
     output.add_argument("-f", "--filename", metavar="PATH",
                         help="where to save (folders are created); default: TIMESTAMP-SLUG-RANDOM.png here")
-    output.add_argument("-o", "--output-format", type=choice_of(OUTPUT_FORMATS + tuple(FORMAT_ALIASES)),
+    output.add_argument("-o", "--output-format", type=convert["output_format"],
                         metavar="{png,jpeg,jpg,webp}", help="default: from the -f extension, else png")
-    output.add_argument("-c", "--output-compression", type=int_in_range(0, 100), metavar="N",
+    output.add_argument("-c", "--output-compression", type=convert["output_compression"], metavar="N",
                         help="0-100, jpeg and webp only")
     output.add_argument("--overwrite", action="store_true",
                         help="replace an existing file (default: pick NAME-2, NAME-3, ... and say so)")
@@ -1580,6 +2193,15 @@ def build_parser() -> CliParser:
                              "never the key)")
     output.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of paths")
     output.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings and errors stay)")
+    batch = parser.add_argument_group("batch (many images from one file)")
+    batch.add_argument("--batch", metavar="FILE",
+                       help="JSON ({description, global, prompts}), a list, or JSONL; see references/batch-template.md. "
+                            "Flags give defaults; the file's global block and items override them")
+    batch.add_argument("--out-dir", metavar="DIR",
+                       help="write the images and FILE.results.jsonl here (default: beside the batch file)")
+    batch.add_argument("-j", "--jobs", type=int_in_range(1, MAX_JOBS), metavar="N",
+                       help=f"requests in flight, 1-{MAX_JOBS} (default {DEFAULT_JOBS}); a 429 pauses all "
+                            "and halves it")
     conn = parser.add_argument_group("connection")
     conn.add_argument("-k", "--api-key", metavar="KEY", help=f"API key (default: ${ENV_API_KEY})")
     conn.add_argument("--base-url", metavar="URL", help=f"API base (default: ${ENV_BASE_URL}, else {DEFAULT_BASE_URL})")

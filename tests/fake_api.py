@@ -63,6 +63,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: bytes
+    in_flight: int = 1          # requests being answered when this one arrived, itself included
 
     def header(self, name: str) -> Optional[str]:
         return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
@@ -82,6 +83,10 @@ class Recorded:
 
     def files(self) -> list[Part]:
         return [p for p in self.parts() if p.filename is not None]
+
+    def prompt(self) -> str:
+        multipart = (self.header("Content-Type") or "").startswith("multipart/")
+        return str(self.fields()["prompt"] if multipart else self.json()["prompt"])
 
 
 @dataclasses.dataclass
@@ -122,11 +127,15 @@ def default_reply(request: Recorded) -> Reply:
 
 
 class FakeImagesAPI:
-    """Start with `with FakeImagesAPI() as api:`; queue Replies with api.queue(...)."""
+    """Start with `with FakeImagesAPI() as api:`; queue Replies with api.queue(...), or set
+    api.route to a function that picks a Reply for a request (None: the queue, then the default)."""
 
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
         self.replies: collections.deque[Reply] = collections.deque()
+        self.route: Optional[Callable[[Recorded], Optional[Reply]]] = None
+        self.active = 0
+        self.peak = 0
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
@@ -152,8 +161,19 @@ class FakeImagesAPI:
     def next_reply(self, request: Recorded) -> Reply:
         with self.lock:
             self.requests.append(request)
-            scripted = self.replies.popleft() if self.replies else None
+            routed = self.route(request) if self.route else None
+            scripted = routed or (self.replies.popleft() if self.replies else None)
         return scripted or default_reply(request)
+
+    def arrived(self) -> int:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            return self.active
+
+    def departed(self) -> None:
+        with self.lock:
+            self.active -= 1
 
     def _handler_class(self) -> type:
         api = self
@@ -171,7 +191,13 @@ class FakeImagesAPI:
             def answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                request = Recorded(self.command, self.path, dict(self.headers.items()), body)
+                request = Recorded(self.command, self.path, dict(self.headers.items()), body, api.arrived())
+                try:
+                    self.reply_to(request)
+                finally:
+                    api.departed()
+
+            def reply_to(self, request: Recorded) -> None:
                 reply = api.next_reply(request)
                 if reply.before:
                     reply.before(request)

@@ -4,6 +4,7 @@ CI runs the README's test command, every documented example works against a loca
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shlex
 import sys
@@ -32,6 +33,37 @@ def documented_commands() -> list[pytest.param]:
             if line.startswith(COMMAND_PREFIX):
                 found.append(pytest.param(line, id=f"{path.name}:{line[len(COMMAND_PREFIX):][:40]}"))
     return found
+
+
+def documented_batch_files() -> dict[str, str]:
+    """Example batch files: a line "File `NAME.json`..." followed by a json or jsonl block."""
+    found = {}
+    for path in DOCUMENTS:
+        text = path.read_text(encoding="utf-8")
+        for name, body in re.findall(r"^File `([^`]+\.jsonl?)`[^\n]*\n+```jsonl?\n(.*?)^```", text, flags=re.S | re.M):
+            found[name] = body
+    return found
+
+
+def batch_inputs(content: str) -> tuple[list[str], list[str]]:
+    """The input images and masks a batch file names (JSON or JSONL; items and global)."""
+    try:
+        document = json.loads(content)
+    except ValueError:
+        document = [json.loads(line) for line in content.splitlines() if line.strip() and not line.startswith("#")]
+    blocks = document.get("prompts", []) + [document.get("global", {})] if isinstance(document, dict) else document
+    blocks = [b for b in blocks if isinstance(b, dict)]
+    return [i for b in blocks for i in b.get("input_images", [])], [b["mask"] for b in blocks if "mask" in b]
+
+
+def write_batch_file(folder: Path, name: str) -> None:
+    content = documented_batch_files()[name]
+    (folder / name).write_text(content, encoding="utf-8")
+    images, masks = batch_inputs(content)
+    for image in images:
+        (folder / image).write_bytes(make_png(640, 480))
+    for mask in masks:
+        (folder / mask).write_bytes(make_png(640, 480, alpha=True))
 
 
 def parser_long_flags() -> set[str]:
@@ -65,13 +97,30 @@ def test_documented_command_works_against_a_local_server(online: CliRunner, isol
         (isolated / name).write_bytes(make_png(640, 480))
     if "-m" in words:
         (isolated / words[words.index("-m") + 1]).write_bytes(make_png(640, 480, alpha=True))
+    if "--batch" in words:
+        write_batch_file(isolated, words[words.index("--batch") + 1])
     run = online(*words, stdin=stdin)
     assert run.code == 0, run.err
     if "--dry-run" in words:
-        assert run.out.startswith("POST ")
+        assert "POST " in run.out.splitlines()[0]
         return
-    paths = [f["path"] for f in run.json()["files"]] if "--json" in words else run.out.splitlines()
+    if "--json" in words:
+        document = run.json()
+        paths = [p for item in document.get("items", []) for p in item["paths"]] + \
+            [f["path"] for f in document.get("files", [])]
+    else:
+        paths = run.out.splitlines()
     assert paths and all((isolated / p).is_file() for p in paths)
+
+
+@pytest.mark.parametrize("name", sorted(documented_batch_files()))
+def test_documented_batch_file_is_accepted_whole(online: CliRunner, api, isolated: Path, name: str) -> None:
+    write_batch_file(isolated, name)
+    run = online("--batch", name, "--dry-run", "--json")
+    assert run.code == 0, run.err
+    document = run.json()
+    assert document["to_send"] == len(document["items"]) >= 3
+    assert api.requests == []
 
 
 def test_every_flag_in_help_is_documented_in_the_readme() -> None:

@@ -92,7 +92,7 @@ def test_upload_is_streamed_from_disk_not_read_whole(picture, monkeypatch: pytes
     """The body is a replayable sequence of small pieces whose length is known up front."""
     picture("big.png", "png", 2048, 2048)
     job_args = gi.build_parser().parse_args(["-p", "x", "-i", "big.png", "--dry-run"])
-    job = gi.build_job(job_args, stdin=None)
+    job = gi.build_job(job_args, stdin=None, create_folder=False)
     body = gi.encode_multipart(job.fields, gi.upload_parts(job), boundary="b0undary")
     monkeypatch.setattr(gi, "READ_CHUNK", 4096)
     chunks = list(body)

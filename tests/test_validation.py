@@ -35,7 +35,7 @@ def many(count: int) -> list[str]:
 
 
 INVALID = [
-    pytest.param([], "the following arguments are required: -p/--prompt", id="no-prompt"),
+    pytest.param([], "no prompt: give -p TEXT, or --batch FILE", id="no-prompt"),
     pytest.param(["-p", ""], "the prompt is empty", id="empty-prompt"),
     pytest.param(["-p", " \n\t"], "the prompt is empty", id="blank-prompt"),
     pytest.param(["-p", "x" * 32_001], "the prompt has 32,001 characters; the limit is 32,000", id="prompt-too-long"),
@@ -91,6 +91,12 @@ INVALID = [
     pytest.param(["-p", "cat", "-f", "blocker/cat.png"], "the output folder blocker cannot be written",
                  id="output-folder"),
     pytest.param(["-p", "cat", "-f", "out/"], "-f out/ names a folder", id="output-is-folder"),
+    pytest.param(["-p", "cat", "-j", "2"], "--jobs applies to --batch only", id="jobs-without-batch"),
+    pytest.param(["-p", "cat", "--out-dir", "o"], "--out-dir applies to --batch only", id="out-dir-without-batch"),
+    pytest.param(["--batch", "b.json", "-p", "cat"], "-p cannot be combined with --batch", id="batch-and-prompt"),
+    pytest.param(["--batch", "b.json", "-f", "x.png"], "-f cannot be combined with --batch", id="batch-and-file"),
+    pytest.param(["--batch", "b.json", "-j", "17"], "17 is outside 1-16", id="jobs-17"),
+    pytest.param(["--batch", "none.json"], "--batch none.json: No such file", id="batch-missing"),
 ]
 
 

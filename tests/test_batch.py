@@ -1,0 +1,379 @@
+"""--batch: many images from one file, in parallel, resumable, with a manifest."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+
+import generate_image as gi
+from conftest import CliRunner
+from fake_api import FakeImagesAPI, Recorded, Reply, make_png
+
+
+def write_batch(path: Path, content: Any) -> Path:
+    """A dict or list is written as JSON, a str as is (JSONL); returns the path relative to the work folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False),
+                    encoding="utf-8")
+    return path.relative_to(Path.cwd())
+
+
+def sent_by_prompt(api: FakeImagesAPI) -> dict[str, dict[str, Any]]:
+    """What the server received, keyed by prompt: JSON fields, or multipart fields plus file names."""
+    sent = {}
+    for request in api.requests:
+        if (request.header("Content-Type") or "").startswith("multipart/"):
+            fields: dict[str, Any] = dict(request.fields())
+            fields["files"] = [(p.name, p.filename) for p in request.files()]
+        else:
+            fields = request.json()
+        sent[str(fields["prompt"])] = fields
+    return sent
+
+
+def manifest_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def fail_prompt(prompt: str, reply: Reply) -> Any:
+    return lambda request: reply if request.prompt() == prompt else None
+
+
+SEED = {"description": "三种风格的日出", "global": {"quality": "low", "size": "1536x1024"},
+        "prompts": ["sunrise watercolor", {"prompt": "日出,油画风格", "filename": "oil.png"},
+                    {"prompt": "sunrise pixel art", "quality": "high", "size": "1024x1024"}]}
+
+
+@pytest.mark.parametrize("name, content", [
+    pytest.param("set.json", SEED, id="seed-format"),
+    pytest.param("set.json", [SEED["global"] | {"prompt": "sunrise watercolor"},
+                              SEED["global"] | SEED["prompts"][1],
+                              SEED["global"] | SEED["prompts"][2]], id="bare-list"),
+    pytest.param("set.jsonl", "# sunrise styles\n"
+                              + "\n".join(json.dumps(SEED["global"] | ({"prompt": p} if isinstance(p, str) else p),
+                                                     ensure_ascii=False) for p in SEED["prompts"])
+                              + "\n\n# end\n", id="jsonl-with-comments"),
+])
+def test_batch_formats_write_every_image(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                         name: str, content: Any) -> None:
+    batch = write_batch(isolated / "sets" / name, content)
+    run = online("--batch", batch, "-j", "1")
+    assert run.code == 0, run.err
+    folder = isolated / "sets"
+    expected = [folder / "01-sunrise-watercolor.png", folder / "oil.png", folder / "03-sunrise-pixel-art.png"]
+    assert run.out.splitlines() == [str(Path("sets") / p.name) for p in expected]
+    assert [gi.read_image_info(p) for p in expected] == [gi.ImageInfo("png", 1536, 1024),
+                                                         gi.ImageInfo("png", 1536, 1024),
+                                                         gi.ImageInfo("png", 1024, 1024)]
+    sent = sent_by_prompt(api)
+    assert {p: (f["quality"], f["size"]) for p, f in sent.items()} == {
+        "sunrise watercolor": ("low", "1536x1024"), "日出,油画风格": ("low", "1536x1024"),
+        "sunrise pixel art": ("high", "1024x1024")}
+
+
+@pytest.mark.parametrize("cli_flags, global_block, item, expected", [
+    pytest.param([], {}, {}, {}, id="defaults-send-nothing"),
+    pytest.param(["-q", "low"], {}, {}, {"quality": "low"}, id="cli"),
+    pytest.param(["-q", "low"], {"quality": "medium"}, {}, {"quality": "medium"}, id="global-over-cli"),
+    pytest.param(["-q", "low"], {"quality": "medium"}, {"quality": "high"}, {"quality": "high"}, id="item-over-all"),
+    pytest.param(["-s", "16:9", "-r", "2K"], {}, {}, {"size": "2048x1152"}, id="cli-ratio"),
+    pytest.param(["-r", "2K"], {"size": "16:9"}, {}, {"size": "2048x1152"}, id="cli-resolution-global-ratio"),
+    pytest.param([], {"size": "16:9", "resolution": "2K"}, {"size": "1024x1024"}, {"size": "1024x1024"},
+                 id="inherited-resolution-dropped-for-wxh"),
+    pytest.param(["-o", "jpeg", "-c", "70"], {}, {"output_format": "png"}, {"output_format": "png"},
+                 id="inherited-compression-dropped-for-png"),
+    pytest.param([], {"model": "gpt-image-2-beta", "n": 2}, {"moderation": "low"},
+                 {"model": "gpt-image-2-beta", "n": 2, "moderation": "low"}, id="model-n-moderation"),
+])
+def test_precedence_item_then_global_then_flags_then_defaults(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                              cli_flags: list[str], global_block: dict,
+                                                              item: dict, expected: dict) -> None:
+    batch = write_batch(isolated / "b.json", {"global": global_block, "prompts": [{"prompt": "cat", **item}]})
+    run = online("--batch", batch, *cli_flags)
+    assert run.code == 0, run.err
+    sent = api.requests[0].json()
+    assert {k: v for k, v in sent.items() if k not in ("prompt", "output_format") or k in expected} == \
+        {"model": "gpt-image-2", **expected}
+
+
+def test_relative_paths_are_resolved_against_the_batch_folder(online: CliRunner, api: FakeImagesAPI,
+                                                              isolated: Path, picture) -> None:
+    picture("project/refs/cat.png", "png", 256, 256)
+    picture("project/refs/garden.png", "png", 512, 256)
+    picture("project/refs/mask.png", "png", 256, 256, alpha=True)
+    batch = write_batch(isolated / "project" / "batch.json", {"prompts": [
+        {"prompt": "fuse", "input_images": ["refs/cat.png", "refs/garden.png"], "filename": "out/fused.png"},
+        {"prompt": "edit", "input_images": ["refs/cat.png"], "mask": "refs/mask.png"}]})
+    run = online("--batch", batch, "-j", "1")
+    assert run.code == 0, run.err
+    sent = sent_by_prompt(api)
+    assert sent["fuse"]["files"] == [("image[]", "cat.png"), ("image[]", "garden.png")]
+    assert sent["edit"]["files"] == [("image", "cat.png"), ("mask", "mask.png")]
+    assert (isolated / "project" / "out" / "fused.png").is_file()
+    assert (isolated / "project" / "02-edit.png").is_file()
+    assert (isolated / "project" / "batch.results.jsonl").is_file()
+
+
+def test_out_dir_receives_images_and_manifest(online: CliRunner, isolated: Path) -> None:
+    batch = write_batch(isolated / "in" / "b.json", ["a red fox", {"prompt": "owl", "filename": "birds/owl.png"}])
+    run = online("--batch", batch, "--out-dir", "results", "-j", "1")
+    assert run.code == 0, run.err
+    results = isolated / "results"
+    assert run.out.splitlines() == [str(Path("results") / "01-a-red-fox.png"), str(Path("results") / "birds/owl.png")]
+    assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*")) == [
+        "01-a-red-fox.png", "b.results.jsonl", "birds", "birds/owl.png"]
+    assert not list((isolated / "in").glob("*.png"))
+
+
+@pytest.mark.parametrize("prompts, problems", [
+    pytest.param([{"prompt": "a", "filename": "x.png"}, {"prompt": "b", "filename": "X.PNG"}],
+                 ["item 2, filename: X.PNG is also written by item 1"], id="same-file-any-case"),
+    pytest.param([{"prompt": "a", "filename": "x.png", "n": 2}, {"prompt": "b", "filename": "x-2.png"}],
+                 ["item 2, filename: x-2.png is also written by item 1"], id="n-outputs-collide"),
+    pytest.param([{"prompt": "a", "filename": "x"}, {"prompt": "b", "filename": "x.png"}],
+                 ["item 2, filename: x.png is also written by item 1"], id="extension-added"),
+])
+def test_two_items_writing_one_file_is_an_error(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                prompts: list, problems: list[str]) -> None:
+    batch = write_batch(isolated / "b.json", prompts)
+    run = online("--batch", batch)
+    assert run.code == gi.EXIT_USAGE
+    assert [line.strip() for line in run.err.splitlines()[1:-1]] == problems
+    assert api.requests == []
+
+
+def test_every_invalid_item_is_reported_and_nothing_is_sent(online: CliRunner, api: FakeImagesAPI,
+                                                             isolated: Path) -> None:
+    batch = write_batch(isolated / "b.json", {"global": {"qualty": "low"}, "prompts": [
+        "fine", {"prompt": "x", "quality": "ultra", "n": 0}, {"filename": "y.png"}, 42,
+        {"prompt": "z", "size": "1000x1000"}, {"prompt": "w", "input_images": ["nope.png"]},
+        {"prompt": "v", "output_format": "jpeg", "background": "transparent"}, {"prompt": "", "_note": "ok"}]})
+    run = online("--batch", batch, "--json")
+    assert run.code == gi.EXIT_USAGE
+    problems = run.json()["error"]["problems"]
+    assert problems == [
+        "global, qualty: unknown field; the fields are size, resolution, quality, output_format, "
+        "output_compression, input_images, mask, n, background, moderation, model",
+        "item 2, quality: 'ultra' is not one of auto, low, medium, high",
+        "item 2, n: 0 is outside 1-10",
+        "item 3, prompt: missing",
+        "item 4: must be a prompt or a JSON object",
+        "item 5, size: --size 1000x1000: width and height must be multiples of 16; nearest valid size is 1008x1008",
+        "item 6, input_images: input image nope.png: not found",
+        "item 7, background: --background transparent needs png or webp; jpeg has no transparency",
+        "item 8, prompt: the prompt is empty"]
+    assert api.requests == []
+    assert not (isolated / "b.results.jsonl").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    pytest.param("{not json", "is not valid JSON or JSONL: Expecting property name", id="broken-json"),
+    pytest.param('"a"\n{"prompt": "b"\nc', "line 2 is not valid JSON or JSONL", id="broken-jsonl-line"),
+    pytest.param('{"prompts": [], "description": "x"}', "has no prompts", id="empty"),
+    pytest.param('{"items": ["a"]}', "unknown top-level key 'items'", id="unknown-key"),
+    pytest.param('"just a string"', "holds a JSON str, not a batch", id="string"),
+    pytest.param('{"global": ["x"], "prompts": ["a"]}', "global: must be a JSON object", id="global-list"),
+])
+def test_a_malformed_batch_file_is_refused(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                          content: str, message: str) -> None:
+    run = online("--batch", write_batch(isolated / "b.json", content))
+    assert run.code == gi.EXIT_USAGE
+    assert message in run.err
+    assert api.requests == []
+
+
+def test_a_batch_file_that_is_not_utf8_is_refused(online: CliRunner, isolated: Path) -> None:
+    (isolated / "b.json").write_bytes('["中文"]'.encode("gbk"))
+    run = online("--batch", "b.json")
+    assert (run.code, run.err.splitlines()[0]) == (gi.EXIT_USAGE, "generate_image.py: error: --batch b.json is "
+                                                                  "not UTF-8 (byte 2)")
+
+
+@pytest.mark.parametrize("jobs, items", [(1, 3), (3, 7), (4, 4)])
+def test_requests_overlap_up_to_jobs_and_never_more(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                    jobs: int, items: int) -> None:
+    api.route = lambda request: Reply(body=default_answer(), delay=0.25)
+    batch = write_batch(isolated / "b.json", [f"picture {i}" for i in range(items)])
+    run = online("--batch", batch, "-j", jobs)
+    assert run.code == 0, run.err
+    assert (len(api.requests), api.peak) == (items, min(jobs, items))
+    assert sorted(run.out.splitlines()) == [f"{i + 1:02d}-picture-{i}.png" for i in range(items)]
+
+
+def default_answer() -> dict:
+    from fake_api import images_answer
+
+    return images_answer([make_png(64, 64)])
+
+
+def test_a_429_pauses_every_worker_and_halves_concurrency(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                          pauses: list[float]) -> None:
+    throttled = []
+
+    def route(request: Recorded) -> Optional[Reply]:
+        if not throttled:
+            throttled.append(request)
+            return Reply(status=429, body={"error": {"message": "slow down"}}, headers={"Retry-After": "30"})
+        return Reply(body=default_answer(), delay=0.2)
+
+    api.route = route
+    batch = write_batch(isolated / "b.json", [f"p{i}" for i in range(6)])
+    run = online("--batch", batch, "-j", "4")
+    assert run.code == 0, run.err
+    after = api.requests[api.requests.index(throttled[0]) + 1:]
+    assert len(after) == 6
+    assert max(r.in_flight for r in after[3:]) <= 2
+    assert len(pauses) >= 2 and all(25 < p <= 30 for p in pauses)
+
+
+def test_resume_skips_existing_outputs_without_a_request(online: CliRunner, api: FakeImagesAPI,
+                                                         isolated: Path) -> None:
+    batch = write_batch(isolated / "b.json", ["one", {"prompt": "two", "filename": "two.png", "n": 2}, "three"])
+    (isolated / "01-one.png").write_bytes(make_png(8, 8))
+    (isolated / "two-1.png").write_bytes(make_png(8, 8))
+    (isolated / "two-2.png").write_bytes(make_png(8, 8))
+    run = online("--batch", batch, "--json")
+    assert run.code == 0, run.err
+    assert [r.prompt() for r in api.requests] == ["three"]
+    document = run.json()
+    assert document["counts"] == {"total": 3, "ok": 1, "failed": 0, "skipped": 2, "not_run": 0}
+    assert [(i["item"], i["status"], i["paths"]) for i in document["items"]] == [
+        (1, "skipped", ["01-one.png"]), (2, "skipped", ["two-1.png", "two-2.png"]), (3, "ok", ["03-three.png"])]
+    assert (isolated / "01-one.png").read_bytes() == make_png(8, 8)
+    again = online("--batch", batch, "--overwrite", "-j", "1")
+    assert again.code == 0
+    assert [r.prompt() for r in api.requests[1:]] == ["one", "two", "three"]
+    assert again.out.splitlines() == ["01-one.png", "two-1.png", "two-2.png", "03-three.png"]
+    assert (isolated / "01-one.png").read_bytes() != make_png(8, 8)
+
+
+def test_resume_trusts_the_manifest_when_the_server_changed_the_format(online: CliRunner, api: FakeImagesAPI,
+                                                                       isolated: Path) -> None:
+    from fake_api import images_answer
+
+    api.queue(Reply(body=images_answer([gi_jpeg()])))
+    batch = write_batch(isolated / "b.json", ["a photo"])
+    first = online("--batch", batch)
+    assert (first.code, first.out) == (0, "01-a-photo.jpg\n")
+    second = online("--batch", batch)
+    assert (second.code, second.out, len(api.requests)) == (0, "", 1)
+    assert "item 1 skipped, already done: 01-a-photo.jpg" in second.err
+
+
+def gi_jpeg() -> bytes:
+    from fake_api import make_image
+
+    return make_image("jpeg", 64, 64)
+
+
+def test_a_failing_item_among_good_ones_exits_8_and_a_rerun_completes_it(online: CliRunner, api: FakeImagesAPI,
+                                                                         isolated: Path) -> None:
+    api.route = fail_prompt("bad", Reply(status=400, body={"error": {"message": "unsafe", "code":
+                                                                     "moderation_blocked"}}))
+    batch = write_batch(isolated / "b.json", ["good one", "bad", "good two"])
+    run = online("--batch", batch, "--json", "-j", "2")
+    assert run.code == gi.EXIT_BATCH_PARTIAL
+    document = run.json()
+    assert document["ok"] is False and document["counts"]["failed"] == 1
+    failed = [i for i in document["items"] if i["status"] == "failed"]
+    assert [(i["item"], i["error"]["exit_code"], i["error"]["code"]) for i in failed] == [(2, 4, "moderation_blocked")]
+    assert document["error"]["exit_code"] == 8
+    assert document["usage"] == {"input_tokens": 100, "output_tokens": 8320, "total_tokens": 8420}
+    assert sorted(p.name for p in isolated.glob("*.png")) == ["01-good-one.png", "03-good-two.png"]
+    api.route = None
+    again = online("--batch", batch)
+    assert (again.code, again.out) == (0, "02-bad.png\n")
+    assert [r.prompt() for r in api.requests[3:]] == ["bad"]
+
+
+def test_the_manifest_records_each_item_as_it_ends(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    api.route = fail_prompt("slow", Reply(status=200, body=b"", drop=True))
+    batch = write_batch(isolated / "b.json", ["fine", "slow"])
+    (isolated / "b.results.jsonl").write_text('{"item": 9, "status": "ok"}\n', encoding="utf-8")
+    run = online("--batch", batch, "-j", "1")
+    assert run.code == gi.EXIT_BATCH_PARTIAL
+    lines = manifest_lines(isolated / "b.results.jsonl")
+    assert lines[0] == {"item": 9, "status": "ok"}
+    ok, failed = lines[1:]
+    assert {k: ok[k] for k in ("item", "prompt", "status", "target", "paths", "sizes", "request_id", "error")} == {
+        "item": 1, "prompt": "fine", "status": "ok", "target": "01-fine.png", "paths": ["01-fine.png"],
+        "sizes": ["1024x1024"], "request_id": "req_fake_123", "error": None}
+    assert ok["usage"]["total_tokens"] == 4210 and ok["elapsed_s"] >= 0
+    assert (failed["item"], failed["status"], failed["paths"]) == (2, "failed", [])
+    assert (failed["error"]["kind"], failed["error"]["exit_code"]) == ("dropped", 6)
+    assert "item 2 failed (exit 6)" in run.err
+
+
+def test_a_refused_key_stops_the_batch_at_the_first_401(online: CliRunner, api: FakeImagesAPI,
+                                                        isolated: Path) -> None:
+    api.route = lambda request: Reply(status=401, body={"error": {"message": "invalid key"}})
+    batch = write_batch(isolated / "b.json", ["a", "b", "c", "d"])
+    run = online("--batch", batch, "-j", "1")
+    assert run.code == gi.EXIT_AUTH
+    assert len(api.requests) == 1
+    assert "HTTP 401: invalid key" in run.err.splitlines()[-2]
+
+
+def test_a_missing_key_sends_nothing(cli: CliRunner, isolated: Path) -> None:
+    run = cli("--batch", write_batch(isolated / "b.json", ["a"]))
+    assert run.code == gi.EXIT_AUTH
+    assert not (isolated / "b.results.jsonl").exists()
+
+
+def test_dry_run_prints_each_request_output_and_estimate(online: CliRunner, api: FakeImagesAPI,
+                                                         isolated: Path) -> None:
+    batch = write_batch(isolated / "b.json", {"global": {"quality": "low"}, "prompts": ["a", "b", "c", "d", "e"]})
+    (isolated / "02-b.png").write_bytes(make_png(8, 8))
+    run = online("--batch", batch, "-j", "2", "--dry-run")
+    assert run.code == 0
+    assert api.requests == []
+    lines = run.out.splitlines()
+    assert lines[0] == f"item 1: POST {api.url}/images/generations"
+    assert "item 2: already done, skipped: 02-b.png" in lines
+    assert [line for line in lines if line.startswith("output: ")] == [
+        "output: 01-a.png", "output: 03-c.png", "output: 04-d.png", "output: 05-e.png"]
+    assert lines[-2:] == ["manifest: b.results.jsonl",
+                          "5 items: 4 to send, 1 already done; about 4:00-5:00 (2 rounds of 120-150 s at -j 2; "
+                          "longer at high quality or 4K)"]
+    assert not (isolated / "b.results.jsonl").exists()
+    document = online("--batch", batch, "--dry-run", "--json").json()
+    assert (document["to_send"], document["jobs"], len(document["items"])) == (4, 4, 5)
+    assert document["items"][0]["request"]["json"] == {"model": "gpt-image-2", "prompt": "a", "quality": "low",
+                                                       "output_format": "png"}
+
+
+def test_json_summary_of_a_clean_batch(online: CliRunner, isolated: Path) -> None:
+    batch = write_batch(isolated / "b.json", {"description": "pets", "prompts": ["cat", "dog"]})
+    run = online("--batch", batch, "--json")
+    assert run.code == 0
+    document = run.json()
+    assert {k: document[k] for k in ("ok", "batch", "description", "manifest", "counts")} == {
+        "ok": True, "batch": "b.json", "description": "pets", "manifest": "b.results.jsonl",
+        "counts": {"total": 2, "ok": 2, "failed": 0, "skipped": 0, "not_run": 0}}
+    assert [i["paths"] for i in document["items"]] == [["01-cat.png"], ["02-dog.png"]]
+
+
+def test_progress_lines_on_stderr_when_not_a_terminal(online: CliRunner, isolated: Path) -> None:
+    batch = write_batch(isolated / "b.json", ["cat", "dog"])
+    run = online("--batch", batch, "-j", "1")
+    lines = run.err.splitlines()
+    assert lines[0].startswith("batch b.json: 2 items, 0 already done, 2 to generate at -j 1: about 4:00-5:00")
+    assert lines[1].startswith("[1/2] item 1 ok in 0 s: 01-cat.png")
+    assert lines[2].startswith("[2/2] item 2 ok in 0 s: 02-dog.png")
+    assert lines[3].startswith("batch: 2 ok, 0 failed, 0 skipped, 0 not run, of 2 in 0:0")
+    assert "tokens: 100 input, 8320 output, 8420 total; manifest b.results.jsonl" in lines[3]
+
+
+def test_a_terminal_gets_one_live_status_line(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    api.route = lambda request: Reply(body=default_answer(), delay=0.4)
+    monkeypatch.setattr(gi, "PROGRESS_TTY_INTERVAL_S", 0.05)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run = online("--batch", write_batch(isolated / "b.json", ["cat", "dog", "owl"]), "-j", "2")
+    assert run.code == 0
+    assert "\rbatch: 0 done, 0 failed, 2 running, 3 total; 0:00 elapsed, ~4:30 left" in run.err
+    assert "\rbatch: 2 done, 0 failed, 1 running, 3 total; 0:00 elapsed, ~0:00 left" in run.err
