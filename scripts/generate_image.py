@@ -116,6 +116,8 @@ PROGRESS_TTY_INTERVAL_S = 1.0
 PROGRESS_LOG_INTERVAL_S = 15.0
 FALLBACK_FOLDER = "apiyi-gpt-image-2"
 TYPICAL_SECONDS = (120, 150)
+MAX_PARTIAL_IMAGES = 3
+DEFAULT_PARTIAL_IMAGES = 2
 DEFAULT_JOBS = 4
 MAX_JOBS = 16
 # A batch field and the flag for the same setting share one argparse destination.
@@ -221,7 +223,7 @@ class ParserExit(Exception):
 
 # --- Data ---
 
-Fields = dict[str, Union[str, int]]
+Fields = dict[str, Union[str, int, bool]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +250,7 @@ class OutputPlan:
     format: str
     overwrite: bool
     metadata: bool
+    keep_partials: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +280,10 @@ class ImageJob:
     @property
     def endpoint(self) -> str:
         return EDITS_PATH if self.images else GENERATIONS_PATH
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.fields.get("stream"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +330,16 @@ class HttpResponse:
     status: int
     headers: dict[str, str]
     body: Union[bytes, bytearray]
+    payload: Optional[ImagesPayload] = None     # already decoded from an event stream
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """A 2xx answer, how long it took, and the previews a stream delivered before it."""
+
+    response: HttpResponse
+    elapsed_s: float
+    previews: Optional[PreviewWriter] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +368,8 @@ class RunResult:
     elapsed_s: float
     warnings: tuple[str, ...]
     error: Optional[ToolError] = None
+    previews: int = -1                         # previews received; -1 when not streamed
+    partials: tuple[Path, ...] = ()            # preview files kept (--keep-partials)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -729,8 +748,16 @@ def collect_fields(args: argparse.Namespace, *, prompt: str, size: Optional[str]
                 "output_format": fmt if format_given else None,
                 "output_compression": args.output_compression,
                 "background": args.background, "moderation": args.moderation}
+    if streaming(args):
+        partials = DEFAULT_PARTIAL_IMAGES if args.partial_images is None else args.partial_images
+        optional.update({"stream": True, "partial_images": partials})
     fields.update({k: v for k, v in optional.items() if v is not None})
     return fields
+
+
+def streaming(args: argparse.Namespace) -> bool:
+    """--partial-images and --keep-partials only make sense with a stream, so they ask for one."""
+    return bool(args.stream or args.partial_images is not None or args.keep_partials)
 
 
 def check_combinations(args: argparse.Namespace, fmt: str) -> list[str]:
@@ -764,7 +791,7 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
     check_output_folder(path.parent, create=create_folder)
     fields = collect_fields(args, prompt=prompt, size=size, fmt=fmt, format_given=format_given)
     return ImageJob(prompt=prompt, fields=fields, images=images, mask=mask,
-                    output=OutputPlan(path, fmt, args.overwrite, args.metadata),
+                    output=OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials),
                     notes=(size_note,) if size_note else (),
                     warnings=tuple(warnings))
 
@@ -1031,6 +1058,11 @@ def build_json_body(fields: Fields) -> bytes:
     return json.dumps(fields, ensure_ascii=False).encode("utf-8")
 
 
+def form_value(value: Union[str, int, bool]) -> str:
+    """Form fields are text; booleans as the SDK writes them (stream=true)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
 def quote_form_param(value: str) -> str:
     """HTML5 form escaping, as browsers and httpx (the SDK's transport) do it."""
     escaped = value.replace("\\", "\\\\").replace('"', "%22")
@@ -1044,7 +1076,7 @@ def encode_multipart(fields: Fields, files: Sequence[tuple[str, InputFile]], *,
     segments: list[Union[bytes, InputFile]] = []
     for name, value in fields.items():
         segments.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{quote_form_param(name)}"\r\n\r\n'
-                        f"{value}\r\n".encode("utf-8"))
+                        f"{form_value(value)}\r\n".encode("utf-8"))
     for name, upload in files:
         segments.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{quote_form_param(name)}"; '
                         f'filename="{quote_form_param(upload.path.name)}"\r\n'
@@ -1073,7 +1105,8 @@ def upload_parts(job: ImageJob) -> list[tuple[str, InputFile]]:
 
 
 def build_request(job: ImageJob, config: ApiConfig) -> HttpRequest:
-    headers = {"Authorization": f"Bearer {config.api_key}", "User-Agent": user_agent(), "Accept": "application/json"}
+    accept = "text/event-stream, application/json" if job.streamed else "application/json"
+    headers = {"Authorization": f"Bearer {config.api_key}", "User-Agent": user_agent(), "Accept": accept}
     url = config.base_url + job.endpoint
     if job.images:
         body: Union[bytes, MultipartBody] = encode_multipart(job.fields, upload_parts(job))
@@ -1090,7 +1123,7 @@ def describe_request(request: HttpRequest, job: ImageJob, config: ApiConfig) -> 
     headers["Authorization"] = "Bearer <redacted>" if config.api_key else f"Bearer <no key: set {ENV_API_KEY}>"
     described: dict[str, Any] = {"method": request.method, "url": request.url, "headers": headers}
     if isinstance(request.body, MultipartBody):
-        described["fields"] = {k: str(v) for k, v in job.fields.items()}
+        described["fields"] = {k: form_value(v) for k, v in job.fields.items()}
         described["files"] = [{"name": name, "filename": f.path.name, "content_type": f.info.content_type,
                                "bytes": f.size_bytes, "width": f.info.width, "height": f.info.height}
                               for name, f in upload_parts(job)]
@@ -1142,9 +1175,14 @@ def check_deadline(deadline: float) -> None:
         raise TimeoutError("the answer took longer than --timeout")
 
 
-def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bool = False) -> HttpResponse:
+PreviewSink = Callable[[memoryview], None]
+
+
+def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bool = False,
+                 on_preview: Optional[PreviewSink] = None) -> HttpResponse:
     """One HTTP exchange. Failures before the request is delivered raise ConnectError (retryable);
-    after it, MaybeBilledError (the gateway may already be generating and billing)."""
+    after it, MaybeBilledError (the gateway may already be generating and billing). The socket
+    timeout is also the idle limit of an event stream: silence for timeout_s ends it."""
     import http.client
     import socket
     import urllib.error
@@ -1152,8 +1190,11 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
     deadline = time.monotonic() + timeout_s
     try:
         with open_url(request, timeout_s=timeout_s, follow_redirects=follow_redirects) as response:
-            body = read_body(response, deadline=deadline)
-            return HttpResponse(response.status, lowercase_headers(response.headers), body)
+            headers = lowercase_headers(response.headers)
+            if on_preview and headers.get("content-type", "").startswith("text/event-stream"):
+                payload = read_event_stream(response, on_preview, deadline=deadline)
+                return HttpResponse(response.status, headers, b"", payload)
+            return HttpResponse(response.status, headers, read_body(response, deadline=deadline))
     except urllib.error.HTTPError as err:
         return HttpResponse(err.code, lowercase_headers(err.headers), read_error_body(err, deadline=deadline))
     except urllib.error.URLError as err:
@@ -1165,6 +1206,120 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
     except (http.client.HTTPException, OSError) as err:
         raise MaybeBilledError(f"the connection to {host_of(request.url)} dropped after the request was sent: "
                                f"{reason_text(err)}", kind="dropped", hint=billed_hint(timeout_s)) from None
+
+
+class EventStreamParser:
+    """Server-sent events from pieces split anywhere: event and data fields, multi-line data,
+    comments, CR, LF or CRLF line ends; a blank line ends an event. Data stays bytes, so the
+    base64 of a 4K image is not decoded to str."""
+
+    LINE_END = re.compile(rb"[\r\n]")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.scanned = 0
+        self.name = ""
+        self.data: list[bytes] = []
+
+    def feed(self, piece: bytes) -> list[tuple[str, bytes]]:
+        self.buffer += piece
+        events, start = [], 0
+        while True:
+            found = self.LINE_END.search(self.buffer, max(start, self.scanned))
+            if not found:
+                self.scanned = len(self.buffer)
+                break
+            end = found.start()
+            if self.buffer[end] == 0x0D and end + 1 == len(self.buffer):
+                self.scanned = end  # a CR at the end may be half of a CRLF
+                break
+            crlf = self.buffer[end:end + 2] == b"\r\n"
+            event = self.take_line(bytes(self.buffer[start:end]))
+            start = end + (2 if crlf else 1)
+            events += [event] if event else []
+        del self.buffer[:start]
+        self.scanned = max(0, self.scanned - start)
+        return events
+
+    def finish(self) -> list[tuple[str, bytes]]:
+        """At the end of the stream, a last event without its blank line still counts."""
+        events = [] if not self.buffer else self.feed(b"\n")
+        last = self.take_line(b"")
+        return events + ([last] if last else [])
+
+    def take_line(self, line: bytes) -> Optional[tuple[str, bytes]]:
+        if not line:
+            event = (self.name or "message", b"\n".join(self.data)) if self.data else None
+            self.name, self.data = "", []
+            return event
+        if line.startswith(b":"):
+            return None
+        field, _, value = line.partition(b":")
+        value = value[1:] if value.startswith(b" ") else value
+        if field == b"event":
+            self.name = value.decode("utf-8", "replace").strip()
+        elif field == b"data":
+            self.data.append(value)
+        return None
+
+
+def read_event_stream(response: Any, on_preview: PreviewSink, *, deadline: float) -> ImagesPayload:
+    """Previews go to on_preview as they come; the completed event(s) become the payload."""
+    parser, completed = EventStreamParser(), []
+    read_piece = getattr(response, "read1", response.read)
+    while True:
+        check_deadline(deadline)
+        piece = read_piece(READ_CHUNK)
+        for name, data in parser.feed(piece) if piece else parser.finish():
+            kind, event, raw = decode_stream_event(name, data)
+            if kind == "done":
+                piece = b""
+                break
+            if kind == "partial" and raw is not None:
+                on_preview(raw)
+            elif kind == "completed":
+                completed.append((event, raw))
+        if not piece:
+            break
+    if not completed:
+        raise ConnectionResetError("the stream ended before the final image")
+    meta = {k: v for k, v in completed[-1][0].items() if k != "type"}
+    meta["data"] = [event for event, _ in completed]
+    return ImagesPayload(meta, tuple(image_source(event, raw) for event, raw in completed))
+
+
+def decode_stream_event(name: str, data: bytes) -> tuple[str, dict[str, Any], Optional[memoryview]]:
+    """('partial' | 'completed' | 'done' | 'other', the event's JSON without base64, the base64)."""
+    if data.strip() == b"[DONE]":
+        return "done", {}, None
+    skeleton, values = split_base64_values(data)
+    try:
+        event = json.loads(skeleton)
+    except ValueError:
+        raise ServiceError(f"the stream sent an event that is not JSON: {body_excerpt(data)}",
+                           hint="retry without --stream") from None
+    if not isinstance(event, dict):
+        return "other", {}, None
+    if event.get("error") or name == "error" or event.get("type") == "error":
+        raise stream_error(event)
+    kind = str(event.get("type") or name)
+    raw = values[0] if values else None
+    if kind.endswith(".partial_image"):
+        return "partial", event, raw
+    return ("completed" if kind.endswith(".completed") else "other"), event, raw
+
+
+def stream_error(event: Mapping[str, Any]) -> ToolError:
+    """An error event: refused (exit 4) when the request itself was at fault, else the service (5)."""
+    error = event.get("error") if isinstance(event.get("error"), dict) else event
+    message = str(error.get("message") or event.get("error") or "the stream reported an error")
+    kind, code = str(error.get("type") or ""), str(error.get("code") or "")
+    refused = kind in ("invalid_request_error", "image_generation_user_error") or \
+        code in ("moderation_blocked", "content_policy_violation")
+    cls = RefusedError if refused else ServiceError
+    label = code or (kind if kind != "error" else "")
+    return cls(f"the stream reported an error: {message}" + (f" ({label})" if label else ""),
+               code=code or None, hint="change the prompt or parameters" if refused else "retry later")
 
 
 def connect_hint(reason: str) -> str:
@@ -1293,14 +1448,14 @@ class Gate:
 
 
 def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callable[[str], None],
-                      gate: Optional[Gate] = None) -> HttpResponse:
+                      gate: Optional[Gate] = None, on_preview: Optional[PreviewSink] = None) -> HttpResponse:
     """Retry what cannot have been billed: connection failures, 408/409/429 and 5xx."""
     gate = gate or Gate(1)
     for attempt in range(config.retries + 1):
         last = attempt == config.retries
         gate.enter()
         try:
-            response = send_request(request, timeout_s=config.timeout_s)
+            response = send_request(request, timeout_s=config.timeout_s, on_preview=on_preview)
         except ConnectError as err:
             if last:
                 raise
@@ -1526,6 +1681,50 @@ def write_file_atomic(path: Path, data: bytes) -> None:
                 pass
 
 
+class PreviewWriter:
+    """Streamed previews beside the target, written atomically: one NAME.partial.png replaced by
+    each newer preview (an image viewer showing it updates), or NAME.partial-1.png, -2, ... kept."""
+
+    def __init__(self, job: ImageJob, console: Console, started: float) -> None:
+        self.target = job.output.path
+        self.keep = job.output.keep_partials
+        self.expected = int(job.fields.get("partial_images", 0))
+        self.console = console
+        self.started = started
+        self.count = 0
+        self.paths: list[Path] = []
+
+    def save(self, raw: memoryview) -> None:
+        self.count += 1
+        try:
+            data, info = decode_base64_image(raw)
+        except ServiceError as err:
+            self.console.warn(f"preview {self.count} skipped: {err.message}")
+            return
+        label = f"partial-{self.count}" if self.keep else "partial"
+        path = self.target.with_name(f"{self.target.stem}.{label}{FORMAT_EXTENSIONS[info.format]}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(path, data)
+        except OSError as err:
+            self.console.warn(f"preview {self.count} could not be written: {err.strerror or err}")
+            return
+        self.paths += [] if path in self.paths else [path]
+        self.console.progress(f"preview {self.count}/{self.expected} after "
+                              f"{time.monotonic() - self.started:.0f} s: {path}")
+
+    def settle(self, *, final_saved: bool) -> tuple[Path, ...]:
+        """The preview files left on disk: all when kept, the last one when no final image came."""
+        if self.keep or not final_saved:
+            return tuple(self.paths)
+        for path in self.paths:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        return ()
+
+
 def fallback_folder() -> Path:
     import tempfile
 
@@ -1673,20 +1872,27 @@ def start_line(job: ImageJob) -> str:
     action = {0: "Generating", 1: "Editing 1 image into"}.get(len(job.images), f"Fusing {len(job.images)} images into")
     settings = ", ".join(f"{label}{job.fields[k]}" for k, label in (("size", ""), ("quality", "quality "),
                                                                    ("output_format", "")) if k in job.fields)
-    return (f"{action} {count} with {job.fields['model']}" + (f" ({settings})" if settings else "")
+    stream = f", streaming {job.fields['partial_images']} previews" if job.streamed else ""
+    return (f"{action} {count} with {job.fields['model']}" + (f" ({settings})" if settings else "") + stream
             + ": usually 120-150 s, up to 5 min at high quality or 4K")
 
 
-def fetch_images(job: ImageJob, config: ApiConfig, console: Console, *,
-                 gate: Optional[Gate] = None) -> tuple[HttpResponse, float]:
+def fetch_images(job: ImageJob, config: ApiConfig, console: Console, *, gate: Optional[Gate] = None) -> Fetched:
     request = build_request(job, config)
     console.progress(start_line(job))
     started = time.monotonic()
-    with ProgressTicker(console, started):
-        response = send_with_retries(request, config, notify=console.progress, gate=gate)
-    if not 200 <= response.status < 300:
-        raise error_for_status(response, config)
-    return response, time.monotonic() - started
+    previews = PreviewWriter(job, console, started) if job.streamed else None
+    try:
+        with ProgressTicker(console, started):
+            response = send_with_retries(request, config, notify=console.progress, gate=gate,
+                                         on_preview=previews.save if previews else None)
+        if not 200 <= response.status < 300:
+            raise error_for_status(response, config)
+    except ToolError as err:
+        if previews and previews.paths:
+            err.message += f"; the last preview is kept at {previews.paths[-1]}"
+        raise
+    return Fetched(response, time.monotonic() - started, previews)
 
 
 def image_bytes(source: Union[memoryview, str], config: ApiConfig) -> tuple[bytes, ImageInfo]:
@@ -1727,13 +1933,13 @@ def size_warnings(job: ImageJob, saved: Sequence[SavedImage]) -> list[str]:
 
 def run_job(job: ImageJob, config: ApiConfig, console: Console) -> RunResult:
     """One request, every image in its answer saved."""
-    response, elapsed = fetch_images(job, config, console)
-    return save_answer(job, response, elapsed, config)
+    return save_answer(job, fetch_images(job, config, console), config)
 
 
-def save_answer(job: ImageJob, response: HttpResponse, elapsed: float, config: ApiConfig) -> RunResult:
+def save_answer(job: ImageJob, fetched: Fetched, config: ApiConfig) -> RunResult:
     """Decode and write what a 2xx answer holds; a single run and a batch item alike."""
-    payload = parse_images_response(response.body)
+    response, elapsed, previews = fetched.response, fetched.elapsed_s, fetched.previews
+    payload = response.payload or parse_images_response(response.body)
     saved, warnings, problem = save_all(job, payload, config)
     request_id = request_id_of(response.headers)
     for image in saved if job.output.metadata else ():
@@ -1746,7 +1952,9 @@ def save_answer(job: ImageJob, response: HttpResponse, elapsed: float, config: A
         problem = FallbackSaveError(f"{fallbacks[0].fallback_reason}; saved to the fallback {fallbacks[0].path}",
                                     hint="use the printed path, or move the file where you want it")
     return RunResult(job, tuple(saved), payload.meta, request_id, elapsed,
-                     tuple(warnings + size_warnings(job, saved)), problem)
+                     tuple(warnings + size_warnings(job, saved)), problem,
+                     previews=previews.count if previews else -1,
+                     partials=previews.settle(final_saved=bool(saved)) if previews else ())
 
 
 def usage_text(usage: Any) -> str:
@@ -1765,6 +1973,8 @@ def report_result(result: RunResult, console: Console) -> int:
         console.progress(f"saved {saved.path} ({info.width}x{info.height}, {info.format}, "
                          f"{saved.size_bytes / 1024:,.0f} KB)")
         console.result(str(saved.path))
+    for partial in result.partials:
+        console.progress(f"preview kept: {partial}")
     revised = first_revised_prompt(result.meta)
     for line in (usage_text(result.meta.get("usage")), f"revised prompt: {revised}" if revised else "",
                  f"done in {result.elapsed_s:.0f} s"
@@ -1790,6 +2000,10 @@ def result_document(result: RunResult) -> dict[str, Any]:
                                 "revised_prompt": first_revised_prompt(result.meta),
                                 "request_id": result.request_id or None,
                                 "elapsed_s": round(result.elapsed_s, 3), "warnings": list(result.warnings)}
+    if result.previews >= 0:
+        document["previews"] = result.previews
+    if result.partials:
+        document["partials"] = [str(p) for p in result.partials]
     if result.error:
         document["error"] = error_document(result.error)
     return document
@@ -1924,7 +2138,7 @@ class BatchRun:
     def run_item(self, item: BatchItem) -> None:
         started, done = time.monotonic(), False
         try:
-            response, elapsed = fetch_images(item.job, self.config, self.item_console, gate=self.gate)
+            fetched = fetch_images(item.job, self.config, self.item_console, gate=self.gate)
         except ToolError as err:
             if isinstance(err, AuthError):
                 self.stop(err)
@@ -1934,11 +2148,11 @@ class BatchRun:
             self.saving += 1
         try:
             try:
-                result = save_answer(item.job, response, elapsed, self.config)
+                result = save_answer(item.job, fetched, self.config)
                 record = item_record(item, "failed" if result.error else "ok", result=result,
-                                     error=result.error, elapsed_s=elapsed)
+                                     error=result.error, elapsed_s=fetched.elapsed_s)
             except ToolError as err:
-                record = item_record(item, "failed", error=err, elapsed_s=elapsed)
+                record = item_record(item, "failed", error=err, elapsed_s=fetched.elapsed_s)
             self.finish(item, record)
             done = True
         finally:
@@ -2192,6 +2406,14 @@ def build_parser() -> CliParser:
                         help="also write IMAGE.json beside each image (prompt, parameters, usage, sha256; "
                              "never the key)")
     output.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of paths")
+    output.add_argument("--stream", action="store_true",
+                        help="stream: write each preview as it arrives to NAME.partial.png (replaced by the next, "
+                             "removed once the final image is saved)")
+    output.add_argument("--partial-images", type=int_in_range(0, MAX_PARTIAL_IMAGES), metavar="N",
+                        help=f"previews to ask for, 0-{MAX_PARTIAL_IMAGES} (default {DEFAULT_PARTIAL_IMAGES}); "
+                             "implies --stream")
+    output.add_argument("--keep-partials", action="store_true",
+                        help="keep every preview as NAME.partial-1.png, NAME.partial-2.png, ...; implies --stream")
     output.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings and errors stay)")
     batch = parser.add_argument_group("batch (many images from one file)")
     batch.add_argument("--batch", metavar="FILE",

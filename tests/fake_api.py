@@ -101,6 +101,8 @@ class Reply:
     truncate: Optional[int] = None      # send only this many body bytes, then close
     reset: bool = False                 # with truncate: abort the connection (RST) instead of closing it
     trickle: Optional[float] = None     # pause this long between 1 KB pieces of the body
+    pieces: Optional[list[bytes]] = None  # an event stream: these pieces (body ignored), no Content-Length
+    gap: float = 0.0                    # pause between pieces
     before: Optional[Callable[[Recorded], None]] = None
 
 
@@ -113,6 +115,32 @@ def images_answer(images: list[bytes], *, usage: Optional[dict] = None, prefix: 
     return answer
 
 
+def sse_event(name: str, payload: Any, *, newline: str = "\n") -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"event: {name}{newline}data: {data}{newline}{newline}".encode()
+
+
+def sse_images(partials: list[bytes], final: Optional[bytes], *, kind: str = "image_generation",
+               newline: str = "\n", done: bool = False) -> list[bytes]:
+    """A stream as the Images API sends it: partial_image events, then completed; one piece per event."""
+    common = {"created_at": 1_800_000_000, "size": "1024x1024", "quality": "auto", "background": "opaque",
+              "output_format": "png"}
+    events = [sse_event(f"{kind}.partial_image", {"type": f"{kind}.partial_image", **common,
+                                                  "b64_json": base64.b64encode(image).decode(),
+                                                  "partial_image_index": index}, newline=newline)
+              for index, image in enumerate(partials)]
+    if final is not None:
+        usage = {"input_tokens": 50, "output_tokens": 4160, "total_tokens": 4210,
+                 "input_tokens_details": {"text_tokens": 50, "image_tokens": 0}}
+        events.append(sse_event(f"{kind}.completed", {"type": f"{kind}.completed", **common, "usage": usage,
+                                                      "b64_json": base64.b64encode(final).decode()}, newline=newline))
+    return events + ([f"data: [DONE]{newline}{newline}".encode()] if done else [])
+
+
+def stream_reply(pieces: list[bytes], *, gap: float = 0.0) -> Reply:
+    return Reply(pieces=pieces, gap=gap, headers={"Content-Type": "text/event-stream"})
+
+
 def default_reply(request: Recorded) -> Reply:
     """Answer like the real API: n images of the requested size and format."""
     if (request.header("Content-Type") or "").startswith("multipart/"):
@@ -123,6 +151,11 @@ def default_reply(request: Recorded) -> Reply:
     width, height = (int(x) for x in size.split("x")) if "x" in size else (1024, 1024)
     fmt = str(fields.get("output_format", "png"))
     images = [make_image(fmt, width, height) for _ in range(int(fields.get("n", 1)))]
+    if str(fields.get("stream", "")).lower() == "true":
+        kind = "image_edit" if "multipart" in (request.header("Content-Type") or "") else "image_generation"
+        previews = [make_image(fmt, 64, 64)] * int(fields.get("partial_images", 0))
+        return stream_reply([*sse_images(previews, images[0], kind=kind)[:-1],
+                             *(sse_images([], image, kind=kind)[0] for image in images)])
     return Reply(body=images_answer(images), headers={"x-request-id": "req_fake_123"})
 
 
@@ -210,7 +243,8 @@ class FakeImagesAPI:
                 try:
                     self.send_response(reply.status)
                     content_type = "application/json" if not isinstance(reply.body, bytes) else "text/html"
-                    headers = {"Content-Type": content_type, "Content-Length": str(len(payload)), **reply.headers}
+                    length = {} if reply.pieces is not None else {"Content-Length": str(len(payload))}
+                    headers = {"Content-Type": content_type, **length, **reply.headers}
                     for name, value in headers.items():
                         self.send_header(name, value)
                     self.end_headers()
@@ -219,6 +253,13 @@ class FakeImagesAPI:
                     pass
 
             def send_body(self, payload: bytes, reply: Reply) -> None:
+                if reply.pieces is not None:
+                    for piece in reply.pieces:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                        time.sleep(reply.gap)
+                    self.close_connection = True
+                    return
                 if reply.truncate is not None:
                     self.wfile.write(payload[:reply.truncate])
                     self.wfile.flush()

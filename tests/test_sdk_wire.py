@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from conftest import TEST_KEY, CliRunner
-from fake_api import FakeImagesAPI, Recorded
+from fake_api import FakeImagesAPI, Recorded, make_png, sse_images, stream_reply
 
 
 def sdk_client(api: FakeImagesAPI) -> openai.OpenAI:
@@ -87,3 +87,25 @@ def test_content_length_and_boundary_are_well_formed(online: CliRunner, api: Fak
     assert len(request.body) == int(request.header("Content-Length"))
     assert request.body.startswith(f"--{boundary}\r\n".encode())
     assert request.body.endswith(f"--{boundary}--\r\n".encode())
+
+
+@pytest.mark.parametrize("kind", ["image_generation", "image_edit"])
+def test_streaming_matches_the_sdk_and_the_sdk_reads_the_fake_stream(online: CliRunner, api: FakeImagesAPI,
+                                                                     picture, kind: str) -> None:
+    image = picture("in.png", "png", 64, 64)
+    pieces = sse_images([make_png(32, 32)], make_png(64, 64), kind=kind)
+    api.queue(stream_reply(pieces), stream_reply(pieces))
+    client = sdk_client(api)
+    if kind == "image_edit":
+        events = list(client.images.edit(model="gpt-image-2", image=image, prompt="blue", stream=True,
+                                         partial_images=1))
+        assert online("-p", "blue", "-i", image, "--partial-images", "1", "--quiet").code == 0
+    else:
+        events = list(client.images.generate(model="gpt-image-2", prompt="blue", stream=True, partial_images=1))
+        assert online("-p", "blue", "--partial-images", "1", "--quiet").code == 0
+    assert [e.type for e in events] == [f"{kind}.partial_image", f"{kind}.completed"]
+    sdk, ours = api.requests
+    if kind == "image_edit":
+        assert (ours.fields(), file_parts(ours)) == (sdk.fields(), file_parts(sdk))
+    else:
+        assert ours.json() == sdk.json()
