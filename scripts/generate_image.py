@@ -1396,8 +1396,11 @@ def is_account_problem(status: int, code: str) -> bool:
 
 
 def should_retry(response: HttpResponse) -> bool:
+    """Status first: parsing a 200's body here would copy and decode a 33 MB image answer."""
+    if not is_retryable(response.status):
+        return False
     code = str(parse_error_body(response.body).get("code") or "")
-    return is_retryable(response.status) and not is_account_problem(response.status, code)
+    return not is_account_problem(response.status, code)
 
 
 def retry_delay(response: HttpResponse, attempt: int) -> float:

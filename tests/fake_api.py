@@ -159,6 +159,10 @@ def default_reply(request: Recorded) -> Reply:
     return Reply(body=images_answer(images), headers={"x-request-id": "req_fake_123"})
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog of 5 drops connections when 16 arrive at once
+
+
 class FakeImagesAPI:
     """Start with `with FakeImagesAPI() as api:`; queue Replies with api.queue(...), or set
     api.route to a function that picks a Reply for a request (None: the queue, then the default)."""
@@ -170,7 +174,7 @@ class FakeImagesAPI:
         self.active = 0
         self.peak = 0
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server = Server(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
                                        daemon=True)

@@ -17,7 +17,7 @@ from conftest import CliRunner
 from fake_api import make_png
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", ROOT / "SKILL.md", *sorted((ROOT / "references").glob("*.md"))]
+DOCUMENTS = [ROOT / "README.md", ROOT / "README.zh-CN.md", ROOT / "SKILL.md", *sorted((ROOT / "references").glob("*.md"))]
 COMMAND_PREFIX = "python scripts/generate_image.py "
 
 
@@ -137,7 +137,7 @@ def test_every_flag_the_documents_mention_exists(path: Path) -> None:
     assert sorted(mentioned - parser_long_flags()) == []
 
 
-@pytest.mark.parametrize("name", ["README.md", "SKILL.md"])
+@pytest.mark.parametrize("name", ["README.md", "README.zh-CN.md", "SKILL.md"])
 def test_exit_code_tables_match_the_script(name: str) -> None:
     text = (ROOT / name).read_text(encoding="utf-8")
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", text, flags=re.M)}
@@ -145,8 +145,25 @@ def test_exit_code_tables_match_the_script(name: str) -> None:
     assert documented == defined
 
 
-def readme_test_command() -> str:
-    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Run the tests", 1)[1]
+def flag_table(path: Path) -> list[str]:
+    return re.findall(r"^\| (`-[^|]+) \|", path.read_text(encoding="utf-8"), flags=re.M)
+
+
+def test_the_chinese_readme_has_the_same_flags_commands_and_sections() -> None:
+    english, chinese = ROOT / "README.md", ROOT / "README.zh-CN.md"
+    assert flag_table(chinese) == flag_table(english) != []
+    flags = [[w for w in line.split() if w.startswith("-")] for line in code_block_lines(english)
+             if line.startswith(COMMAND_PREFIX)]
+    assert [[w for w in line.split() if w.startswith("-")] for line in code_block_lines(chinese)
+            if line.startswith(COMMAND_PREFIX)] == flags
+    assert len(re.findall(r"^## ", chinese.read_text(encoding="utf-8"), flags=re.M)) == \
+        len(re.findall(r"^## ", english.read_text(encoding="utf-8"), flags=re.M))
+    assert readme_test_command(chinese) == readme_test_command(english)
+
+
+def readme_test_command(path: Path = ROOT / "README.md") -> str:
+    text = path.read_text(encoding="utf-8")
+    section = text.split("## Run the tests" if "## Run the tests" in text else "## 运行测试", 1)[1]
     return re.search(r"```bash\n(.+?)\n```", section, flags=re.S).group(1).strip()
 
 
@@ -193,3 +210,11 @@ def test_console_entry_point_is_main() -> None:
     target = re.search(r'^apiyi-gpt-image-2-gen = "(.+)"$', pyproject, flags=re.M).group(1)
     module, function = target.split(":")
     assert (module, getattr(gi, function)) == ("generate_image", gi.main)
+
+
+def test_size_guide_table_is_the_scripts_own_mapping() -> None:
+    import size_table
+
+    text = size_table.GUIDE.read_text(encoding="utf-8")
+    assert size_table.with_table(text) == text, "run: python tests/size_table.py"
+    assert "| `-s 16:9` | 1088x608 | 2048x1152 | 3840x2160 |" in text
