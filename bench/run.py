@@ -121,9 +121,10 @@ def repeat(name: str, times: int, run: Callable[[], tuple[float, float]]) -> Row
 
 
 class Bench:
-    def __init__(self, api: FakeImagesAPI, work: Path, times: int, quick: bool) -> None:
-        self.api, self.work, self.times, self.quick = api, work, times, quick
-        self.sdk = has_openai()
+    def __init__(self, api: FakeImagesAPI, work: Path, times: int, sdk_version: Optional[str]) -> None:
+        self.api, self.work, self.times = api, work, times
+        self.sdk_version = sdk_version
+        self.sdk = sdk_version is not None
         self.rows: dict[str, Row] = {}
         self.targets: list[tuple[str, str, bool]] = []
 
@@ -142,8 +143,10 @@ class Bench:
         self.targets.append((text, f"{value:.2f}{unit} (target at most {limit:g}{unit})", value <= limit))
 
 
-def has_openai() -> bool:
-    return subprocess.run([PY, "-c", "import openai"], capture_output=True).returncode == 0
+def installed_openai() -> Optional[str]:
+    """The openai version in a child interpreter (importing it here would weigh on the benchmark)."""
+    found = subprocess.run([PY, "-c", "import openai; print(openai.__version__)"], capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else None
 
 
 def startup(bench: Bench) -> None:
@@ -222,20 +225,14 @@ def large_batch(bench: Bench, items: int) -> None:
     bench.target(f"batch memory growth 10 -> {items} items", large.mem - small.mem, 10, " MB")
 
 
-def machine() -> str:
-    cpus = os.cpu_count()
-    return (f"{platform.system()} {platform.release()} {platform.machine()}, {cpus} CPUs, "
-            f"Python {platform.python_version()}" + (", openai " + sdk_version() if has_openai() else ", no openai"))
-
-
-def sdk_version() -> str:
-    return subprocess.run([PY, "-c", "import openai; print(openai.__version__)"], capture_output=True,
-                          text=True).stdout.strip()
+def machine(sdk_version: Optional[str]) -> str:
+    return (f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}, " + (f"openai {sdk_version}" if sdk_version else "no openai"))
 
 
 def report(bench: Bench, command: str) -> str:
     lines = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
-             f"Machine: {machine()}.", "",
+             f"Machine: {machine(bench.sdk_version)}.", "",
              "Every case runs as its own process against a fake Images API on 127.0.0.1 that answers at once "
              "(or after the stated latency). Medians of "
              f"{bench.times} runs, with min-max in brackets. Memory is the peak resident set of the process "
@@ -255,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     times = 1 if args.quick else args.times
     with FakeImagesAPI() as api, tempfile.TemporaryDirectory(prefix="bench-") as folder:
-        bench = Bench(api, Path(folder), times, args.quick)
+        bench = Bench(api, Path(folder), times, installed_openai())
         print("start-up", file=sys.stderr)
         startup(bench)
         print("end to end", file=sys.stderr)

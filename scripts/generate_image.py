@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import binascii
+import contextlib
 import dataclasses
 import json
 import math
@@ -128,11 +129,6 @@ BATCH_ITEM_FIELDS = {"prompt": "prompt", "filename": "filename", "size": "size",
                      "model": "model"}
 BATCH_GLOBAL_FIELDS = tuple(f for f in BATCH_ITEM_FIELDS if f not in ("prompt", "filename"))
 BATCH_TOP_KEYS = ("description", "global", "prompts")
-# Where a single-run message names a flag, the batch report names the field.
-MESSAGE_FIELDS = (("--size", "size"), ("--resolution", "resolution"), ("-f ", "filename"),
-                  ("the output folder", "filename"), ("--output-compression", "output_compression"),
-                  ("--mask", "mask"), ("input image", "input_images"), ("--background", "background"),
-                  ("--moderation", "moderation"), ("the prompt", "prompt"), ("-p ", "prompt"))
 REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id")
 
 EXIT_OK = 0
@@ -156,13 +152,15 @@ class ToolError(Exception):
     kind = "error"
 
     def __init__(self, message: str, *, hint: str = "", status: Optional[int] = None,
-                 code: Optional[str] = None, kind: str = "", problems: Sequence[str] = ()) -> None:
+                 code: Optional[str] = None, kind: str = "", problems: Sequence[str] = (),
+                 field: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.status = status
         self.code = code
         self.problems = tuple(problems)
+        self.field = field  # the setting at fault, as a batch file names it
         if kind:
             self.kind = kind
 
@@ -170,6 +168,16 @@ class ToolError(Exception):
 class UsageError(ToolError):
     exit_code = EXIT_USAGE
     kind = "usage"
+
+
+@contextlib.contextmanager
+def about(field: str) -> Iterator[None]:
+    """A UsageError raised inside is about this setting, unless it already names one."""
+    try:
+        yield
+    except UsageError as err:
+        err.field = err.field or field
+        raise
 
 
 class AuthError(ToolError):
@@ -368,7 +376,7 @@ class RunResult:
     elapsed_s: float
     warnings: tuple[str, ...]
     error: Optional[ToolError] = None
-    previews: int = -1                         # previews received; -1 when not streamed
+    previews: Optional[int] = None             # previews received, when streamed
     partials: tuple[Path, ...] = ()            # preview files kept (--keep-partials)
 
 
@@ -512,17 +520,19 @@ def resolve_size(text: Optional[str], resolution: Optional[str]) -> tuple[Option
     """The size to send (None: not sent) and a note saying how a ratio was mapped."""
     if text is None:
         if resolution:
-            raise UsageError("--resolution needs an aspect ratio size", hint="e.g. -s 16:9 -r 2K")
+            raise UsageError("--resolution needs an aspect ratio size", hint="e.g. -s 16:9 -r 2K",
+                             field="resolution")
         return None, ""
     kind, a, b = parse_size_text(text)
     if kind == "auto":
         if resolution:
-            raise UsageError("--resolution needs an aspect ratio size, not auto", hint="e.g. -s 16:9 -r 2K")
+            raise UsageError("--resolution needs an aspect ratio size, not auto", hint="e.g. -s 16:9 -r 2K",
+                             field="resolution")
         return "auto", ""
     if kind == "wxh":
         if resolution:
             raise UsageError(f"--resolution applies to a ratio like 16:9, not to {a}x{b}",
-                             hint=f"drop -r, or use -s {a}:{b} -r {resolution}")
+                             hint=f"drop -r, or use -s {a}:{b} -r {resolution}", field="resolution")
         problems = size_rule_violations(a, b)
         if problems:
             w, h = nearest_valid_size(a, b)
@@ -682,12 +692,15 @@ def normalise_format(value: Optional[str]) -> Optional[str]:
     return None if value is None else FORMAT_ALIASES.get(value.lower(), value.lower())
 
 
-def plan_output_path(filename: Optional[str], format_flag: Optional[str],
-                     prompt: str) -> tuple[Path, str, bool, list[str]]:
-    """The planned output path, its format, whether the format was given, and warnings."""
+def plan_output_path(filename: Optional[str], format_flag: Optional[str], prompt: str, *,
+                     default_stem: Optional[Path] = None) -> tuple[Path, str, bool, list[str]]:
+    """The planned output path, its format, whether the format was given, and warnings. Without a
+    file name: default_stem (else TIMESTAMP-SLUG-RANDOM) plus the format's extension, and the format
+    counts as given only if -o gave it."""
     if filename is None:
         fmt = format_flag or "png"
-        return Path(default_filename(prompt, FORMAT_EXTENSIONS[fmt])), fmt, format_flag is not None, []
+        stem = default_stem or Path(default_stem_for(prompt))
+        return stem.with_name(stem.name + FORMAT_EXTENSIONS[fmt]), fmt, format_flag is not None, []
     path = Path(filename).expanduser()
     if not path.name or filename.endswith(("/", "\\")):
         raise UsageError(f"-f {filename} names a folder", hint="give a file name, e.g. -f out/cat.png")
@@ -703,9 +716,9 @@ def plan_output_path(filename: Optional[str], format_flag: Optional[str],
     return fixed, fmt, format_flag is not None, warnings
 
 
-def default_filename(prompt: str, extension: str) -> str:
+def default_stem_for(prompt: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{prompt_slug(prompt)}-{random_hex(3)}{extension}"
+    return f"{stamp}-{prompt_slug(prompt)}-{random_hex(3)}"
 
 
 def random_hex(nbytes: int) -> str:
@@ -764,31 +777,41 @@ def check_combinations(args: argparse.Namespace, fmt: str) -> list[str]:
     """Cross-flag rules; returns warnings for what is allowed but risky."""
     if args.output_compression is not None and fmt == "png":
         raise UsageError("--output-compression applies to jpeg or webp, but the output format is png",
-                         hint="add -o jpeg or -o webp, or drop -c")
+                         hint="add -o jpeg or -o webp, or drop -c", field="output_compression")
     if args.mask and not args.input_image:
-        raise UsageError("--mask needs an input image to apply to", hint="add -i IMAGE")
+        raise UsageError("--mask needs an input image to apply to", hint="add -i IMAGE", field="mask")
     if args.moderation and args.input_image:
         raise UsageError("--moderation applies to text-to-image only (the edits endpoint has no such field)",
-                         hint="drop --moderation")
+                         hint="drop --moderation", field="moderation")
     if len(args.input_image or ()) > MAX_INPUT_IMAGES:
-        raise UsageError(f"{len(args.input_image)} input images given; at most {MAX_INPUT_IMAGES} are allowed")
+        raise UsageError(f"{len(args.input_image)} input images given; at most {MAX_INPUT_IMAGES} are allowed",
+                         field="input_images")
     if args.background == "transparent":
         if fmt == "jpeg":
             raise UsageError("--background transparent needs png or webp; jpeg has no transparency",
-                             hint="use -o png or -o webp")
+                             hint="use -o png or -o webp", field="background")
         return ["transparent backgrounds are in preview for gpt-image-2: some gateways refuse them"]
     return []
 
 
-def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_folder: bool) -> ImageJob:
-    """Every check that needs no network, in the order a user would fix them."""
-    prompt = read_prompt(args.prompt, stdin)
-    size, size_note = resolve_size(args.size, args.resolution)
-    path, fmt, format_given, warnings = plan_output_path(args.filename, normalise_format(args.output_format), prompt)
+def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_folder: bool,
+              default_stem: Optional[Path] = None) -> ImageJob:
+    """Every check that needs no network, in the order a user would fix them; each error says
+    which setting it is about."""
+    with about("prompt"):
+        prompt = read_prompt(args.prompt, stdin)
+    with about("size"):
+        size, size_note = resolve_size(args.size, args.resolution)
+    with about("filename"):
+        path, fmt, format_given, warnings = plan_output_path(args.filename, normalise_format(args.output_format),
+                                                             prompt, default_stem=default_stem)
     warnings += check_combinations(args, fmt)
-    images = tuple(check_input_file(p, role="input image", limit=MAX_INPUT_BYTES) for p in args.input_image or ())
-    mask = check_mask(args.mask, images[0]) if args.mask else None
-    check_output_folder(path.parent, create=create_folder)
+    with about("input_images"):
+        images = tuple(check_input_file(p, role="input image", limit=MAX_INPUT_BYTES) for p in args.input_image or ())
+    with about("mask"):
+        mask = check_mask(args.mask, images[0]) if args.mask else None
+    with about("filename"):
+        check_output_folder(path.parent, create=create_folder)
     fields = collect_fields(args, prompt=prompt, size=size, fmt=fmt, format_given=format_given)
     return ImageJob(prompt=prompt, fields=fields, images=images, mask=mask,
                     output=OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials),
@@ -815,8 +838,8 @@ def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
         if unknown:
             raise UsageError(f"--batch {path}: unknown top-level key {unknown[0]!r}",
                              hint=f"the keys are {', '.join(BATCH_TOP_KEYS)} (see references/batch-template.md)")
-        items, description, settings = document.get("prompts"), document.get("description", ""), \
-            document.get("global", {})
+        items = document.get("prompts")
+        description, settings = document.get("description", ""), document.get("global", {})
     else:
         raise UsageError(f"--batch {path} holds a JSON {type(document).__name__}, not a batch",
                          hint='use {"prompts": [...]}, a list, or one item per line (JSONL)')
@@ -842,7 +865,8 @@ def parse_jsonl(text: str, path: Path, json_error: ValueError) -> list[Any]:
     return items
 
 
-def batch_settings(raw: Any, *, allowed: Sequence[str]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+def batch_settings(raw: Any, *, allowed: Sequence[str],
+                   converters: Mapping[str, Callable[[str], Any]]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """A batch item or the global block as checked settings, with (field, problem) pairs."""
     if isinstance(raw, str) and "prompt" in allowed:
         raw = {"prompt": raw}
@@ -856,7 +880,7 @@ def batch_settings(raw: Any, *, allowed: Sequence[str]) -> tuple[dict[str, Any],
             problems.append((field, f"unknown field; the fields are {', '.join(allowed)}"))
             continue
         try:
-            settings[field] = convert_batch_value(field, value)
+            settings[field] = convert_batch_value(field, value, converters)
         except argparse.ArgumentTypeError as err:
             problems.append((field, str(err)))
     if "prompt" in allowed and "prompt" not in settings and not any(f == "prompt" for f, _ in problems):
@@ -864,7 +888,7 @@ def batch_settings(raw: Any, *, allowed: Sequence[str]) -> tuple[dict[str, Any],
     return settings, problems
 
 
-def convert_batch_value(field: str, value: Any) -> Any:
+def convert_batch_value(field: str, value: Any, converters: Mapping[str, Callable[[str], Any]]) -> Any:
     """The same checks as the flag's: choices, ranges; input_images is a list of paths."""
     if field == "input_images":
         paths = [value] if isinstance(value, str) else value
@@ -873,24 +897,28 @@ def convert_batch_value(field: str, value: Any) -> Any:
         return paths
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise argparse.ArgumentTypeError(f"must be text or a whole number, not {json.dumps(value)[:40]}")
-    return setting_converters().get(field, str)(str(value))
+    return converters.get(field, str)(str(value))
 
 
 def merge_item_args(args: argparse.Namespace, layers: Sequence[Mapping[str, Any]], *,
                     folder: Path, out_dir: Optional[Path]) -> argparse.Namespace:
     """Command-line flags, then global, then the item; relative paths from the batch file's folder
     (outputs from --out-dir). An inherited -r or -c is dropped where it cannot apply to the item."""
+    def under(base: Path, value: str) -> str:
+        return str(base / Path(value).expanduser())
+
     merged = argparse.Namespace(**vars(args))
     for layer in layers:
         for field, value in layer.items():
             if field == "filename":
-                value = str((out_dir or folder) / Path(value).expanduser())
-            elif field in ("input_images", "mask"):
-                value = [str(folder / Path(v).expanduser()) for v in value] if field == "input_images" \
-                    else str(folder / Path(value).expanduser())
+                value = under(out_dir or folder, value)
+            elif field == "mask":
+                value = under(folder, value)
+            elif field == "input_images":
+                value = [under(folder, v) for v in value]
             setattr(merged, BATCH_ITEM_FIELDS[field], value)
     own = layers[-1]
-    if "resolution" not in own and merged.resolution and ":" not in (merged.size or "").replace("：", ":"):
+    if "resolution" not in own and merged.resolution and not is_ratio_size(merged.size):
         merged.resolution = None
     if "output_compression" not in own and merged.output_compression is not None \
             and planned_format(merged) == "png":
@@ -898,17 +926,16 @@ def merge_item_args(args: argparse.Namespace, layers: Sequence[Mapping[str, Any]
     return merged
 
 
+def is_ratio_size(text: Optional[str]) -> bool:
+    try:
+        return text is not None and parse_size_text(text)[0] == "ratio"
+    except UsageError:
+        return False  # build_job reports it
+
+
 def planned_format(args: argparse.Namespace) -> str:
     suffix = Path(args.filename or "").suffix.lower()
     return normalise_format(args.output_format) or EXTENSION_FORMATS.get(suffix, "png")
-
-
-def auto_filename(number: int, width: int, args: argparse.Namespace) -> str:
-    return f"{number:0{width}d}-{prompt_slug(args.prompt)}{FORMAT_EXTENSIONS[planned_format(args)]}"
-
-
-def field_in_message(message: str) -> str:
-    return next((field for start, field in MESSAGE_FIELDS if message.startswith(start)), "")
 
 
 def batch_problem(where: str, field: str, problem: str) -> str:
@@ -931,26 +958,27 @@ def batch_jobs(args: argparse.Namespace, source: Path,
                global_raw: Any, raw_items: Sequence[Any]) -> tuple[list[tuple[int, ImageJob]], list[str]]:
     """Every item checked as a single run would be; all problems are collected, not just the first."""
     out_dir = Path(args.out_dir).expanduser() if args.out_dir else None
-    global_settings, global_problems = batch_settings(global_raw, allowed=BATCH_GLOBAL_FIELDS)
+    converters = setting_converters()
+    global_settings, global_problems = batch_settings(global_raw, allowed=BATCH_GLOBAL_FIELDS, converters=converters)
     problems = [batch_problem("global", field, text) for field, text in global_problems]
     jobs, width = [], max(2, len(str(len(raw_items))))
     for number, raw in enumerate(raw_items, 1):
-        settings, item_problems = batch_settings(raw, allowed=tuple(BATCH_ITEM_FIELDS))
+        settings, item_problems = batch_settings(raw, allowed=tuple(BATCH_ITEM_FIELDS), converters=converters)
         problems += [batch_problem(f"item {number}", field, text) for field, text in item_problems]
         if item_problems:
             continue
         merged = merge_item_args(args, (global_settings, settings), folder=source.parent, out_dir=out_dir)
-        if merged.filename is None:
-            merged.filename = str((out_dir or source.parent) / auto_filename(number, width, merged))
+        stem = (out_dir or source.parent) / f"{number:0{width}d}-{prompt_slug(merged.prompt)}"
         try:
-            jobs.append((number, build_job(merged, stdin=None, create_folder=False)))
+            jobs.append((number, build_job(merged, stdin=None, create_folder=False, default_stem=stem)))
         except UsageError as err:
-            problems.append(batch_problem(f"item {number}", field_in_message(err.message), err.message))
+            problems.append(batch_problem(f"item {number}", err.field, err.message))
     return jobs, problems + duplicate_targets(jobs)
 
 
 def recorded_outputs(manifest: Path) -> dict[str, list[str]]:
-    """Planned path -> files written, from the ok lines of an earlier run's manifest."""
+    """Planned path -> files written, from an earlier run's manifest (also a failed item's files: an
+    image saved to the fallback folder, exit 7, was paid for)."""
     done: dict[str, list[str]] = {}
     try:
         lines = manifest.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -963,16 +991,16 @@ def recorded_outputs(manifest: Path) -> dict[str, list[str]]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("status") in ("ok", "skipped") and record.get("target"):
-            done[str(record["target"])] = [str(p) for p in record.get("paths") or []]
+        if isinstance(record, dict) and record.get("target") and record.get("paths"):
+            done[str(record["target"])] = [str(p) for p in record["paths"]]
     return done
 
 
 def existing_outputs(job: ImageJob, recorded: Mapping[str, list[str]]) -> tuple[Path, ...]:
-    """The item's files when all are on disk: under the planned names, or the names the manifest
-    recorded (the server may have answered in another format than asked)."""
+    """The item's n files when all are on disk: under the planned names, or the names the manifest
+    recorded (another format than asked, or the fallback folder); an answer with fewer images is redone."""
     for paths in ([str(p) for p in output_paths(job.output, job.n)], recorded.get(str(job.output.path), [])):
-        if paths and all(Path(p).is_file() for p in paths):
+        if len(paths) == job.n and all(Path(p).is_file() for p in paths):
             return tuple(Path(p) for p in paths)
     return ()
 
@@ -1267,20 +1295,20 @@ def read_event_stream(response: Any, on_preview: PreviewSink, *, deadline: float
     """Previews go to on_preview as they come; the completed event(s) become the payload."""
     parser, completed = EventStreamParser(), []
     read_piece = getattr(response, "read1", response.read)
-    while True:
+    ended = False
+    while not ended:
         check_deadline(deadline)
         piece = read_piece(READ_CHUNK)
+        ended = not piece
         for name, data in parser.feed(piece) if piece else parser.finish():
             kind, event, raw = decode_stream_event(name, data)
             if kind == "done":
-                piece = b""
+                ended = True
                 break
             if kind == "partial" and raw is not None:
                 on_preview(raw)
             elif kind == "completed":
                 completed.append((event, raw))
-        if not piece:
-            break
     if not completed:
         raise ConnectionResetError("the stream ended before the final image")
     meta = {k: v for k, v in completed[-1][0].items() if k != "type"}
@@ -1712,7 +1740,8 @@ class PreviewWriter:
         except OSError as err:
             self.console.warn(f"preview {self.count} could not be written: {err.strerror or err}")
             return
-        self.paths += [] if path in self.paths else [path]
+        if path not in self.paths:
+            self.paths.append(path)
         self.console.progress(f"preview {self.count}/{self.expected} after "
                               f"{time.monotonic() - self.started:.0f} s: {path}")
 
@@ -1956,7 +1985,7 @@ def save_answer(job: ImageJob, fetched: Fetched, config: ApiConfig) -> RunResult
                                     hint="use the printed path, or move the file where you want it")
     return RunResult(job, tuple(saved), payload.meta, request_id, elapsed,
                      tuple(warnings + size_warnings(job, saved)), problem,
-                     previews=previews.count if previews else -1,
+                     previews=previews.count if previews else None,
                      partials=previews.settle(final_saved=bool(saved)) if previews else ())
 
 
@@ -2003,7 +2032,7 @@ def result_document(result: RunResult) -> dict[str, Any]:
                                 "revised_prompt": first_revised_prompt(result.meta),
                                 "request_id": result.request_id or None,
                                 "elapsed_s": round(result.elapsed_s, 3), "warnings": list(result.warnings)}
-    if result.previews >= 0:
+    if result.previews is not None:
         document["previews"] = result.previews
     if result.partials:
         document["partials"] = [str(p) for p in result.partials]
@@ -2100,7 +2129,7 @@ class BatchRun:
         self.workers_left = 0
         self.all_done = threading.Event()
         self.started = time.monotonic()
-        self.item_console = Console(json_mode=True, quiet=True)
+        self.item_console = Console(json_mode=True, quiet=True)  # items report through the batch, not alone
 
     def start(self) -> None:
         for item in self.plan.items:
@@ -2315,21 +2344,26 @@ def check_mode_flags(args: argparse.Namespace) -> None:
                          hint=f"drop {given}; set prompt and filename in the batch file")
 
 
-def run_batch_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
-    plan = plan_batch(args)
+def connect(args: argparse.Namespace, console: Console, env: Mapping[str, str],
+            job_warnings: Sequence[str]) -> ApiConfig:
+    """The connection settings; from here on the key is masked in everything printed."""
     config, config_warnings = build_config(args, env)
     if config.api_key:
         console.secrets.append(config.api_key)
+    for warning in (*job_warnings, *config_warnings):
+        console.warn(warning)
+    return config
+
+
+def run_batch_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
+    plan = plan_batch(args)
     if plan.description:
         console.progress(plan.description)
     by_text: dict[str, list[str]] = {}
     for item in plan.items:
         for warning in item.job.warnings:
             by_text.setdefault(warning, []).append(str(item.number))
-    for warning, numbers in by_text.items():
-        console.warn(f"item {', '.join(numbers)}: {warning}")
-    for warning in config_warnings:
-        console.warn(warning)
+    config = connect(args, console, env, [f"item {', '.join(numbers)}: {text}" for text, numbers in by_text.items()])
     if args.dry_run:
         return run_batch_dry(plan, config, console)
     return run_batch(plan, config, console)
@@ -2340,13 +2374,9 @@ def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, st
     if args.batch is not None:
         return run_batch_command(args, console, env)
     job = build_job(args, stdin=sys.stdin, create_folder=not args.dry_run)
-    config, config_warnings = build_config(args, env)
-    if config.api_key:
-        console.secrets.append(config.api_key)
     for note in job.notes:
         console.progress(note)
-    for warning in job.warnings + tuple(config_warnings):
-        console.warn(warning)
+    config = connect(args, console, env, job.warnings)
     if args.dry_run:
         return run_dry(job, config, console)
     return report_result(run_job(job, config, console), console)

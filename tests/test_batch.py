@@ -11,7 +11,9 @@ import pytest
 
 import generate_image as gi
 from conftest import CliRunner
-from fake_api import FakeImagesAPI, Recorded, Reply, make_png
+from fake_api import FakeImagesAPI, Recorded, Reply, images_answer, make_image, make_png
+
+SMALL_ANSWER = images_answer([make_png(64, 64)])
 
 
 def write_batch(path: Path, content: Any) -> Path:
@@ -96,8 +98,7 @@ def test_precedence_item_then_global_then_flags_then_defaults(online: CliRunner,
     run = online("--batch", batch, *cli_flags)
     assert run.code == 0, run.err
     sent = api.requests[0].json()
-    assert {k: v for k, v in sent.items() if k not in ("prompt", "output_format") or k in expected} == \
-        {"model": "gpt-image-2", **expected}
+    assert sent == {"model": "gpt-image-2", "prompt": "cat", **expected}
 
 
 def test_relative_paths_are_resolved_against_the_batch_folder(online: CliRunner, api: FakeImagesAPI,
@@ -151,7 +152,8 @@ def test_every_invalid_item_is_reported_and_nothing_is_sent(online: CliRunner, a
     batch = write_batch(isolated / "b.json", {"global": {"qualty": "low"}, "prompts": [
         "fine", {"prompt": "x", "quality": "ultra", "n": 0}, {"filename": "y.png"}, 42,
         {"prompt": "z", "size": "1000x1000"}, {"prompt": "w", "input_images": ["nope.png"]},
-        {"prompt": "v", "output_format": "jpeg", "background": "transparent"}, {"prompt": "", "_note": "ok"}]})
+        {"prompt": "v", "output_format": "jpeg", "background": "transparent"}, {"prompt": "", "_note": "ok"},
+        {"prompt": "r", "size": "1024x1024", "resolution": "2K"}, {"prompt": "m", "mask": "m.png"}]})
     run = online("--batch", batch, "--json")
     assert run.code == gi.EXIT_USAGE
     problems = run.json()["error"]["problems"]
@@ -165,7 +167,9 @@ def test_every_invalid_item_is_reported_and_nothing_is_sent(online: CliRunner, a
         "item 5, size: --size 1000x1000: width and height must be multiples of 16; nearest valid size is 1008x1008",
         "item 6, input_images: input image nope.png: not found",
         "item 7, background: --background transparent needs png or webp; jpeg has no transparency",
-        "item 8, prompt: the prompt is empty"]
+        "item 8, prompt: the prompt is empty",
+        "item 9, resolution: --resolution applies to a ratio like 16:9, not to 1024x1024",
+        "item 10, mask: --mask needs an input image to apply to"]
     assert api.requests == []
     assert not (isolated / "b.results.jsonl").exists()
 
@@ -196,18 +200,12 @@ def test_a_batch_file_that_is_not_utf8_is_refused(online: CliRunner, isolated: P
 @pytest.mark.parametrize("jobs, items", [(1, 3), (3, 7), (4, 4)])
 def test_requests_overlap_up_to_jobs_and_never_more(online: CliRunner, api: FakeImagesAPI, isolated: Path,
                                                     jobs: int, items: int) -> None:
-    api.route = lambda request: Reply(body=default_answer(), delay=0.25)
+    api.route = lambda request: Reply(body=SMALL_ANSWER, delay=0.25)
     batch = write_batch(isolated / "b.json", [f"picture {i}" for i in range(items)])
     run = online("--batch", batch, "-j", jobs)
     assert run.code == 0, run.err
     assert (len(api.requests), api.peak) == (items, min(jobs, items))
     assert sorted(run.out.splitlines()) == [f"{i + 1:02d}-picture-{i}.png" for i in range(items)]
-
-
-def default_answer() -> dict:
-    from fake_api import images_answer
-
-    return images_answer([make_png(64, 64)])
 
 
 def test_a_429_pauses_every_worker_and_halves_concurrency(online: CliRunner, api: FakeImagesAPI, isolated: Path,
@@ -218,7 +216,7 @@ def test_a_429_pauses_every_worker_and_halves_concurrency(online: CliRunner, api
         if not throttled:
             throttled.append(request)
             return Reply(status=429, body={"error": {"message": "slow down"}}, headers={"Retry-After": "30"})
-        return Reply(body=default_answer(), delay=0.2)
+        return Reply(body=SMALL_ANSWER, delay=0.2)
 
     api.route = route
     batch = write_batch(isolated / "b.json", [f"p{i}" for i in range(6)])
@@ -253,9 +251,7 @@ def test_resume_skips_existing_outputs_without_a_request(online: CliRunner, api:
 
 def test_resume_trusts_the_manifest_when_the_server_changed_the_format(online: CliRunner, api: FakeImagesAPI,
                                                                        isolated: Path) -> None:
-    from fake_api import images_answer
-
-    api.queue(Reply(body=images_answer([gi_jpeg()])))
+    api.queue(Reply(body=images_answer([make_image("jpeg", 64, 64)])))
     batch = write_batch(isolated / "b.json", ["a photo"])
     first = online("--batch", batch)
     assert (first.code, first.out) == (0, "01-a-photo.jpg\n")
@@ -264,10 +260,32 @@ def test_resume_trusts_the_manifest_when_the_server_changed_the_format(online: C
     assert "item 1 skipped, already done: 01-a-photo.jpg" in second.err
 
 
-def gi_jpeg() -> bytes:
-    from fake_api import make_image
+def test_an_image_saved_to_the_fallback_folder_is_not_paid_for_again(online: CliRunner, api: FakeImagesAPI,
+                                                                      isolated: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "tmp" / "apiyi-gpt-image-2" / "01-cat.png"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(make_png(8, 8))
+    short = {"item": 2, "status": "failed", "target": "dogs.png", "paths": ["dogs-1.png"]}
+    (isolated / "dogs-1.png").write_bytes(make_png(8, 8))
+    fallback = {"item": 1, "status": "failed", "target": "01-cat.png", "paths": [str(saved)],
+                "error": {"kind": "saved_to_fallback", "exit_code": 7}}
+    (isolated / "b.results.jsonl").write_text(json.dumps(fallback) + "\n" + json.dumps(short) + "\n", encoding="utf-8")
+    batch = write_batch(isolated / "b.json", ["cat", {"prompt": "dogs", "filename": "dogs.png", "n": 2}])
+    run = online("--batch", batch, "--json")
+    assert run.code == 0, run.err
+    assert [r.prompt() for r in api.requests] == ["dogs"]
+    assert [(i["status"], i["paths"]) for i in run.json()["items"]] == [
+        ("skipped", [str(saved)]), ("ok", ["dogs-1-2.png", "dogs-2.png"])]
 
-    return make_image("jpeg", 64, 64)
+
+@pytest.mark.parametrize("flags, name, sent_format", [
+    ([], "01-a-fox.png", None), (["-o", "jpeg"], "01-a-fox.jpg", "jpeg"), (["-o", "webp", "-c", "50"], "01-a-fox.webp",
+                                                                         "webp")])
+def test_auto_names_follow_the_format_and_send_it_only_when_given(online: CliRunner, isolated: Path, flags: list,
+                                                                  name: str, sent_format: Optional[str]) -> None:
+    document = online("--batch", write_batch(isolated / "b.json", ["a fox"]), "--dry-run", "--json", *flags).json()
+    [item] = document["items"]
+    assert (item["outputs"], item["request"]["json"].get("output_format")) == ([name], sent_format)
 
 
 def test_a_failing_item_among_good_ones_exits_8_and_a_rerun_completes_it(online: CliRunner, api: FakeImagesAPI,
@@ -342,8 +360,7 @@ def test_dry_run_prints_each_request_output_and_estimate(online: CliRunner, api:
     assert not (isolated / "b.results.jsonl").exists()
     document = online("--batch", batch, "--dry-run", "--json").json()
     assert (document["to_send"], document["jobs"], len(document["items"])) == (4, 4, 5)
-    assert document["items"][0]["request"]["json"] == {"model": "gpt-image-2", "prompt": "a", "quality": "low",
-                                                       "output_format": "png"}
+    assert document["items"][0]["request"]["json"] == {"model": "gpt-image-2", "prompt": "a", "quality": "low"}
 
 
 def test_json_summary_of_a_clean_batch(online: CliRunner, isolated: Path) -> None:
@@ -370,7 +387,7 @@ def test_progress_lines_on_stderr_when_not_a_terminal(online: CliRunner, isolate
 
 def test_a_terminal_gets_one_live_status_line(online: CliRunner, api: FakeImagesAPI, isolated: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    api.route = lambda request: Reply(body=default_answer(), delay=0.4)
+    api.route = lambda request: Reply(body=SMALL_ANSWER, delay=0.4)
     monkeypatch.setattr(gi, "PROGRESS_TTY_INTERVAL_S", 0.05)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     run = online("--batch", write_batch(isolated / "b.json", ["cat", "dog", "owl"]), "-j", "2")

@@ -36,11 +36,11 @@ def documented_commands() -> list[pytest.param]:
 
 
 def documented_batch_files() -> dict[str, str]:
-    """Example batch files: a line "File `NAME.json`..." followed by a json or jsonl block."""
+    """Example batch files: a line "File `NAME.json`..." (文件 in Chinese) followed by a json or jsonl block."""
     found = {}
     for path in DOCUMENTS:
         text = path.read_text(encoding="utf-8")
-        for name, body in re.findall(r"^File `([^`]+\.jsonl?)`[^\n]*\n+```jsonl?\n(.*?)^```", text, flags=re.S | re.M):
+        for name, body in re.findall(r"^(?:File|文件) `([^`]+\.jsonl?)`[^\n]*\n+```jsonl?\n(.*?)^```", text, flags=re.S | re.M):
             found[name] = body
     return found
 
