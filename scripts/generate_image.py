@@ -20,12 +20,20 @@ examples:
       -i cat.png garden.jpg -f fused.png -s 16:9 -r 2K -q high
   generate_image.py --batch styles.json -j 4
 
+Every request runs in a job: a worker process of its own that outlives the
+command, so a shell that gives up (or Ctrl-C once the request is sent) costs
+nothing: run the same command again and it attaches to the job instead of
+paying twice, or collect it with --attach ID. --detach starts the job and
+returns at once; --max-wait S returns with exit 9 while it goes on.
+
 stdout carries only the saved paths (or one JSON document with --json);
-progress, warnings and errors go to stderr.
+progress, warnings and errors go to stderr (JSON Lines with --events).
 
 environment:
   APIYI_API_KEY    the API key (or -k); never printed, sent only to the base URL
   APIYI_BASE_URL   the API base (or --base-url), default https://api.apiyi.com/v1
+  APIYI_STATE_DIR  where job records live (default: the per-user state folder)
+  APIYI_WORKER     process (default); inprocess runs the job inside the command
 
 exit codes:
   0    every requested image written
@@ -37,7 +45,9 @@ exit codes:
   6    timed out or dropped after sending: may have been billed, not retried
   7    image received but saved only to the fallback path printed
   8    batch finished, but some items failed: run it again to make only those
-  130  interrupted
+  9    still running (--max-wait): run the same command again, or --attach ID
+  129  hung up, 130 interrupted (Ctrl-C), 143 terminated: a request already
+       sent goes on as a job; run the same command again to collect it
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import argparse
 import binascii
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -131,6 +142,24 @@ BATCH_GLOBAL_FIELDS = tuple(f for f in BATCH_ITEM_FIELDS if f not in ("prompt", 
 BATCH_TOP_KEYS = ("description", "global", "prompts")
 REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id")
 
+# Jobs: one record per command in the state folder; the worker owns the request from sending to saving.
+ENV_STATE_DIR = "APIYI_STATE_DIR"
+ENV_WORKER = "APIYI_WORKER"
+# process: a detached worker; inprocess: a thread of the command (the job ends with it);
+# unavailable: as if a sandbox forbade new processes (in-process, with a warning; the tests use it).
+WORKER_MODES = ("process", "inprocess", "unavailable")
+JOB_STATES = ("starting", "sending", "waiting", "receiving", "saving", "done", "failed", "cancelled")
+FINISHED_STATES = frozenset({"done", "failed", "cancelled"})
+JOB_KEEP_S = 7 * 24 * 3600
+# A worker takes its lock within milliseconds; this long without it, it never came up.
+WORKER_START_GRACE_S = 20.0
+STATE_LOCK_WAIT_S = 30.0
+POLL_INTERVALS_S = (0.01, 0.02, 0.05, 0.1)     # the wait loop starts fast: a local answer comes in ms
+HEARTBEAT_S = 10.0
+CANCEL_WAIT_S = 10.0
+PROMPT_EXCERPT_CHARS = 60
+SPOOL_PIECE = 1024 * 1024
+
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_USAGE = 2
@@ -140,7 +169,10 @@ EXIT_UNAVAILABLE = 5
 EXIT_MAYBE_BILLED = 6
 EXIT_FALLBACK = 7
 EXIT_BATCH_PARTIAL = 8
+EXIT_STILL_RUNNING = 9
 EXIT_INTERRUPTED = 130
+# 128 + the signal number, as shells report a process ended by it.
+SIGNAL_EXITS = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
 
 # --- Exceptions ---
 
@@ -221,6 +253,26 @@ class InterruptedRun(ToolError):
     kind = "interrupted"
 
 
+class StillRunning(ToolError):
+    """--max-wait ran out, or the command was interrupted after sending: the job goes on."""
+
+    exit_code = EXIT_STILL_RUNNING
+    kind = "still_running"
+
+    def __init__(self, message: str, *, job_id: str, hint: str = "", exit_code: int = EXIT_STILL_RUNNING) -> None:
+        super().__init__(message, hint=hint)
+        self.job_id = job_id
+        self.exit_code = exit_code
+
+
+class Signalled(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
 class ParserExit(Exception):
     """argparse finished on its own (--help, --version) with this status."""
 
@@ -259,6 +311,7 @@ class OutputPlan:
     overwrite: bool
     metadata: bool
     keep_partials: bool = False
+    auto_named: bool = False       # no -f: the name is made up, so a re-run would not repeat it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,24 +391,17 @@ class HttpResponse:
     status: int
     headers: dict[str, str]
     body: Union[bytes, bytearray]
-    payload: Optional[ImagesPayload] = None     # already decoded from an event stream
+    spooled: bool = False                       # a 2xx body went to the spool file, not into body
+    streamed: bool = False                      # ... and it is an event stream
 
 
 @dataclasses.dataclass(frozen=True)
-class Fetched:
-    """A 2xx answer, how long it took, and the previews a stream delivered before it."""
+class Transfer:
+    """Where a job's answer goes and who hears how far it got (the worker's record)."""
 
-    response: HttpResponse
-    elapsed_s: float
-    previews: Optional[PreviewWriter] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class ImagesPayload:
-    """A 200 answer: its JSON without the base64, and each image as base64 or a URL."""
-
-    meta: dict[str, Any]
-    sources: tuple[Union[memoryview, str], ...]
+    spool: Optional[IO[bytes]] = None           # a 2xx body is written here as it arrives
+    on_stage: Callable[[str], None] = lambda stage: None   # "sent", then "receiving"
+    on_preview: Optional[Callable[[Any], None]] = None          # a PreviewSink
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +431,7 @@ class BatchItem:
     number: int
     job: ImageJob
     done_paths: tuple[Path, ...] = ()
+    fingerprint: str = ""           # what was asked, as the manifest records it for resume
 
     @property
     def skipped(self) -> bool:
@@ -398,6 +445,7 @@ class BatchPlan:
     items: tuple[BatchItem, ...]
     manifest: Path
     jobs: int
+    warnings: tuple[str, ...] = ()
 
     @property
     def to_run(self) -> list[BatchItem]:
@@ -814,7 +862,8 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
         check_output_folder(path.parent, create=create_folder)
     fields = collect_fields(args, prompt=prompt, size=size, fmt=fmt, format_given=format_given)
     return ImageJob(prompt=prompt, fields=fields, images=images, mask=mask,
-                    output=OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials),
+                    output=OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials,
+                                      auto_named=args.filename is None and default_stem is None),
                     notes=(size_note,) if size_note else (),
                     warnings=tuple(warnings))
 
@@ -976,36 +1025,64 @@ def batch_jobs(args: argparse.Namespace, source: Path,
     return jobs, problems + duplicate_targets(jobs)
 
 
-def recorded_outputs(manifest: Path) -> dict[str, list[str]]:
-    """Planned path -> files written, from an earlier run's manifest (also a failed item's files: an
-    image saved to the fallback folder, exit 7, was paid for)."""
-    done: dict[str, list[str]] = {}
+def read_manifest(manifest: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of earlier runs, and a warning for a torn line (a crash mid-write)."""
     try:
         lines = manifest.read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
-        return done
+        return [], []
     except OSError as err:
         raise UsageError(f"the manifest {manifest} cannot be read: {err.strerror or err}") from None
-    for line in lines:
+    records, warnings = [], []
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except ValueError:
+            if line.strip():
+                warnings.append(f"line {number} of {manifest} is incomplete (a crash while writing it?); ignored")
             continue
-        if isinstance(record, dict) and record.get("target") and record.get("paths"):
-            done[str(record["target"])] = [str(p) for p in record["paths"]]
-    return done
+        if isinstance(record, dict):
+            records.append(record)
+    return records, warnings
 
 
-def existing_outputs(job: ImageJob, recorded: Mapping[str, list[str]]) -> tuple[Path, ...]:
-    """The item's n files when all are on disk: under the planned names, or the names the manifest
-    recorded (another format than asked, or the fallback folder); an answer with fewer images is redone."""
-    for paths in ([str(p) for p in output_paths(job.output, job.n)], recorded.get(str(job.output.path), [])):
-        if len(paths) == job.n and all(Path(p).is_file() for p in paths):
-            return tuple(Path(p) for p in paths)
+def proven_outputs(record: Mapping[str, Any], folder: Path) -> tuple[Path, ...]:
+    """The files a manifest record names, if every one still holds the bytes it recorded (also
+    an image saved to the fallback folder, exit 7: it was paid for)."""
+    paths, digests = record.get("paths") or [], record.get("sha256") or []
+    if not paths or len(paths) != len(digests) or record.get("status") not in ("ok", "failed"):
+        return ()
+    found = tuple(Path(p) if Path(p).is_absolute() else folder / p for p in paths)
+    try:
+        if all(p.is_file() and file_digest(p) == d for p, d in zip(found, digests)):
+            return found
+    except OSError:
+        pass
     return ()
 
 
+def done_items(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, tuple[Path, ...]]:
+    """Fingerprint -> files proven to be that item's result; the newest record wins."""
+    done: dict[str, tuple[Path, ...]] = {}
+    for record in records:
+        fingerprint = record.get("fingerprint")
+        proven = proven_outputs(record, folder) if isinstance(fingerprint, str) else ()
+        if proven and len(proven) == record.get("n", len(proven)):
+            done[fingerprint] = proven
+    return done
+
+
+def shown_path(path: Path) -> Path:
+    """As the user would write it: relative to the current folder when below it."""
+    try:
+        return Path(os.path.relpath(path))
+    except ValueError:              # another drive on Windows
+        return path
+
+
 def plan_batch(args: argparse.Namespace) -> BatchPlan:
+    """Every item checked; an item is done only when the manifest proves it: a record with the same
+    fingerprint (prompt and every parameter) whose files still hold the recorded bytes."""
     source = Path(args.batch).expanduser()
     description, global_raw, raw_items = read_batch_file(source)
     jobs, problems = batch_jobs(args, source, global_raw, raw_items)
@@ -1015,10 +1092,14 @@ def plan_batch(args: argparse.Namespace) -> BatchPlan:
                          hint="fix the items named, then run the same command again")
     manifest = (Path(args.out_dir).expanduser() if args.out_dir else source.parent) / f"{source.stem}.results.jsonl"
     check_output_folder(manifest.parent, create=False)
-    recorded = {} if args.overwrite else recorded_outputs(manifest)
-    items = tuple(BatchItem(number, job, () if args.overwrite else existing_outputs(job, recorded))
-                  for number, job in jobs)
-    return BatchPlan(source, description, items, manifest, args.jobs or DEFAULT_JOBS)
+    records, warnings = read_manifest(manifest)
+    done = {} if args.overwrite else done_items(records, manifest.parent)
+    items = []
+    for number, job in jobs:
+        fingerprint = request_fingerprint(job, "")
+        proven = tuple(shown_path(p) for p in done.get(fingerprint, ()))
+        items.append(BatchItem(number, job, proven if len(proven) == job.n else (), fingerprint))
+    return BatchPlan(source, description, tuple(items), manifest, args.jobs or DEFAULT_JOBS, tuple(warnings))
 
 
 def is_loopback_host(host: str) -> bool:
@@ -1163,7 +1244,8 @@ def describe_request(request: HttpRequest, job: ImageJob, config: ApiConfig) -> 
 # --- Transport ---
 
 
-def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool) -> Any:
+def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool,
+             on_sent: Callable[[], None] = lambda: None) -> Any:
     """urllib with the environment's proxies; without follow_redirects a 3xx comes back as an
     HTTPError, because urllib would resend the Authorization header to the new host."""
     import urllib.request
@@ -1173,9 +1255,16 @@ def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool) 
             return None
 
     opener = urllib.request.build_opener(*([] if follow_redirects else [RefuseRedirects()]))
-    data = request.body or None
+    data = body_pieces(request.body, on_sent) if request.body else None
     urllib_request = urllib.request.Request(request.url, data=data, headers=request.headers, method=request.method)
     return opener.open(urllib_request, timeout=timeout_s)
+
+
+def body_pieces(body: Union[bytes, MultipartBody], on_sent: Callable[[], None]) -> Iterator[bytes]:
+    """The body as pieces; http.client asks for the next piece only after sending the last one,
+    so on_sent runs once every byte is on its way: from then on the gateway may bill."""
+    yield from ((body,) if isinstance(body, bytes) else body)
+    on_sent()
 
 
 def read_body(response: Any, *, deadline: float, limit: Optional[int] = None) -> bytearray:
@@ -1198,16 +1287,34 @@ def read_body(response: Any, *, deadline: float, limit: Optional[int] = None) ->
     return buffer
 
 
+def copy_body(response: Any, out: IO[bytes], *, deadline: float) -> int:
+    """Write the body to out piece by piece as it arrives; the whole answer is never in memory."""
+    read_piece = getattr(response, "read1", response.read)
+    length = response.headers.get("Content-Length", "")
+    written = 0
+    while True:
+        check_deadline(deadline)
+        piece = read_piece(READ_CHUNK)
+        if not piece:
+            break
+        out.write(piece)
+        written += len(piece)
+    if length.isdigit() and written < int(length):
+        raise ConnectionResetError("the connection closed before the whole answer arrived")
+    out.flush()
+    return written
+
+
 def check_deadline(deadline: float) -> None:
     if time.monotonic() > deadline:
         raise TimeoutError("the answer took longer than --timeout")
 
 
-PreviewSink = Callable[[memoryview], None]
+PreviewSink = Callable[[Callable[[IO[bytes]], tuple[int, str]]], None]   # takes how to write a preview
 
 
 def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bool = False,
-                 on_preview: Optional[PreviewSink] = None) -> HttpResponse:
+                 transfer: Transfer = Transfer()) -> HttpResponse:
     """One HTTP exchange. Failures before the request is delivered raise ConnectError (retryable);
     after it, MaybeBilledError (the gateway may already be generating and billing). The socket
     timeout is also the idle limit of an event stream: silence for timeout_s ends it."""
@@ -1217,12 +1324,10 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
 
     deadline = time.monotonic() + timeout_s
     try:
-        with open_url(request, timeout_s=timeout_s, follow_redirects=follow_redirects) as response:
-            headers = lowercase_headers(response.headers)
-            if on_preview and headers.get("content-type", "").startswith("text/event-stream"):
-                payload = read_event_stream(response, on_preview, deadline=deadline)
-                return HttpResponse(response.status, headers, b"", payload)
-            return HttpResponse(response.status, headers, read_body(response, deadline=deadline))
+        with open_url(request, timeout_s=timeout_s, follow_redirects=follow_redirects,
+                      on_sent=lambda: transfer.on_stage("sent")) as response:
+            transfer.on_stage("receiving")
+            return read_answer(response, transfer, deadline=deadline)
     except urllib.error.HTTPError as err:
         return HttpResponse(err.code, lowercase_headers(err.headers), read_error_body(err, deadline=deadline))
     except urllib.error.URLError as err:
@@ -1236,105 +1341,179 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
                                f"{reason_text(err)}", kind="dropped", hint=billed_hint(timeout_s)) from None
 
 
-class EventStreamParser:
-    """Server-sent events from pieces split anywhere: event and data fields, multi-line data,
-    comments, CR, LF or CRLF line ends; a blank line ends an event. Data stays bytes, so the
-    base64 of a 4K image is not decoded to str."""
+class EventSpanParser:
+    """Server-sent events from a spooled stream: fed consecutive pieces with their file offsets,
+    it returns each event's name and the file span of each data line's value. Only a line's first
+    HEAD bytes are kept (the field name, an event name), so a 33 MB data line costs nothing.
+    CR, LF or CRLF line ends, comments, multi-line data; a blank line ends an event."""
 
+    HEAD = 256
     LINE_END = re.compile(rb"[\r\n]")
 
     def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.scanned = 0
+        self.position: Optional[int] = None  # file offset of the next piece
+        self.line_start = 0
+        self.head = bytearray()
+        self.after_cr = False  # a LF first in the next piece is the end of a CRLF, not a line
         self.name = ""
-        self.data: list[bytes] = []
+        self.spans: list[tuple[int, int]] = []
 
-    def feed(self, piece: bytes) -> list[tuple[str, bytes]]:
-        self.buffer += piece
-        events, start = [], 0
+    def feed(self, piece: bytes, offset: int) -> list[tuple[str, list[tuple[int, int]]]]:
+        if self.position is None:
+            self.position = self.line_start = offset
+        if offset != self.position:
+            raise ValueError(f"pieces must be consecutive: expected offset {self.position}, got {offset}")
+        self.position += len(piece)
+        index, events = 0, []
+        if self.after_cr and piece:
+            self.after_cr = False
+            index = 1 if piece[0] == 0x0A else 0
+            self.line_start = offset + index
         while True:
-            found = self.LINE_END.search(self.buffer, max(start, self.scanned))
+            found = self.LINE_END.search(piece, index)
+            stop = found.start() if found else len(piece)
+            self.head += piece[index:min(stop, index + self.HEAD - len(self.head))]
             if not found:
-                self.scanned = len(self.buffer)
-                break
-            end = found.start()
-            if self.buffer[end] == 0x0D and end + 1 == len(self.buffer):
-                self.scanned = end  # a CR at the end may be half of a CRLF
-                break
-            crlf = self.buffer[end:end + 2] == b"\r\n"
-            event = self.take_line(bytes(self.buffer[start:end]))
-            start = end + (2 if crlf else 1)
+                return events
+            event = self.take_line(offset + stop)
             events += [event] if event else []
-        del self.buffer[:start]
-        self.scanned = max(0, self.scanned - start)
-        return events
+            index = stop + (2 if piece[stop:stop + 2] == b"\r\n" else 1)
+            self.after_cr = piece[stop:] == b"\r"  # only a CR that ends the piece
+            self.line_start = offset + index
 
-    def finish(self) -> list[tuple[str, bytes]]:
+    def finish(self) -> list[tuple[str, list[tuple[int, int]]]]:
         """At the end of the stream, a last event without its blank line still counts."""
-        events = [] if not self.buffer else self.feed(b"\n")
-        last = self.take_line(b"")
-        return events + ([last] if last else [])
+        if self.position is None:
+            return []
+        if self.line_start < self.position:
+            self.take_line(self.position)
+            self.line_start = self.position
+        event = self.take_line(self.position)
+        return [event] if event else []
 
-    def take_line(self, line: bytes) -> Optional[tuple[str, bytes]]:
-        if not line:
-            event = (self.name or "message", b"\n".join(self.data)) if self.data else None
-            self.name, self.data = "", []
+    def take_line(self, end: int) -> Optional[tuple[str, list[tuple[int, int]]]]:
+        head, length = bytes(self.head), end - self.line_start
+        self.head.clear()
+        if not length:
+            event = (self.name or "message", self.spans) if self.spans else None
+            self.name, self.spans = "", []
             return event
-        if line.startswith(b":"):
-            return None
-        field, _, value = line.partition(b":")
-        value = value[1:] if value.startswith(b" ") else value
+        colon = head.find(b":")
+        if colon == 0 or (colon < 0 and length > len(head)):
+            return None  # a comment, or a field name too long to be one we use
+        field = head[:colon] if colon > 0 else head
+        value = colon + 1 + (head[colon + 1:colon + 2] == b" ") if colon > 0 else length
         if field == b"event":
-            self.name = value.decode("utf-8", "replace").strip()
+            self.name = head[value:].decode("utf-8", "replace").strip()
         elif field == b"data":
-            self.data.append(value)
+            self.spans.append((self.line_start + value, end))
         return None
 
 
-def read_event_stream(response: Any, on_preview: PreviewSink, *, deadline: float) -> ImagesPayload:
-    """Previews go to on_preview as they come; the completed event(s) become the payload."""
-    parser, completed = EventStreamParser(), []
-    read_piece = getattr(response, "read1", response.read)
-    ended = False
+def read_span(handle: IO[bytes], span: tuple[int, int]) -> bytes:
+    """The bytes of a small span, such as a preview event's JSON. A final image's event goes
+    through scan_b64_values instead, so its base64 is never read whole."""
+    begin, end = span
+    handle.seek(begin)
+    data = handle.read(end - begin)
+    if len(data) != end - begin:
+        raise ValueError(f"the file ends inside the span {begin}-{end}")
+    return data
+
+
+def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, *, deadline: float) -> None:
+    """The stream goes to the spool as it arrives; each preview is decoded from the spool once its
+    event ends, and an error event raises. The final image stays in the spool for the save."""
+    parser, read_piece = EventSpanParser(), getattr(response, "read1", response.read)
+    completed, ended = 0, False
     while not ended:
         check_deadline(deadline)
         piece = read_piece(READ_CHUNK)
+        spool.seek(0, os.SEEK_END)
+        offset = spool.tell()
+        spool.write(piece)
         ended = not piece
-        for name, data in parser.feed(piece) if piece else parser.finish():
-            kind, event, raw = decode_stream_event(name, data)
-            if kind == "done":
-                ended = True
-                break
-            if kind == "partial" and raw is not None:
-                on_preview(raw)
-            elif kind == "completed":
-                completed.append((event, raw))
+        for name, spans in parser.feed(piece, offset) if piece else parser.finish():
+            kind, event, value = spooled_event(spool, name, spans)
+            ended = ended or kind == "done"
+            if kind == "partial" and value is not None:
+                on_preview(functools.partial(decode_spooled_image, spool, value))
+            completed += kind == "completed"
+    spool.flush()
     if not completed:
         raise ConnectionResetError("the stream ended before the final image")
-    meta = {k: v for k, v in completed[-1][0].items() if k != "type"}
+
+
+def spooled_event(spool: IO[bytes], name: str, spans: Sequence[tuple[int, int]]
+                  ) -> tuple[str, dict[str, Any], Optional[tuple[int, int]]]:
+    """An event of a spooled stream: its kind, its JSON without base64, and the span of its image.
+    A base64 value cannot hold a line end, so each data line is scanned on its own."""
+    skeletons, values = [], []
+    for span in spans:
+        skeleton, found = scan_b64_values(spool, *span)
+        skeletons.append(skeleton)
+        values += found
+    kind, event = decode_stream_event(name, b"\n".join(skeletons))
+    return kind, event, values[0] if values else None
+
+
+def read_spooled_stream(spool: IO[bytes]) -> tuple[dict[str, Any], tuple[ImageSource, ...]]:
+    """The completed event(s) of a spooled stream, as a JSON answer's metadata and image sources."""
+    parser, completed, size = EventSpanParser(), [], os.fstat(spool.fileno()).st_size
+    events = []
+    for offset in range(0, size, SPOOL_PIECE):
+        events += parser.feed(read_span(spool, (offset, min(size, offset + SPOOL_PIECE))), offset)
+    for name, spans in events + parser.finish():
+        kind, event, value = spooled_event(spool, name, spans)
+        if kind == "done":
+            break
+        if kind == "completed":
+            completed.append((event, value))
+    if not completed:
+        raise ServiceError("the stream ended before the final image", hint="retry later")
+    meta = {k: v for k, v in completed[-1][0].items() if k not in ("type", "b64_json")}
     meta["data"] = [event for event, _ in completed]
-    return ImagesPayload(meta, tuple(image_source(event, raw) for event, raw in completed))
+    return meta, tuple(value if value is not None else event_url(event) for event, value in completed)
 
 
-def decode_stream_event(name: str, data: bytes) -> tuple[str, dict[str, Any], Optional[memoryview]]:
-    """('partial' | 'completed' | 'done' | 'other', the event's JSON without base64, the base64)."""
-    if data.strip() == b"[DONE]":
-        return "done", {}, None
-    skeleton, values = split_base64_values(data)
+def event_url(event: Mapping[str, Any]) -> str:
+    if isinstance(event.get("url"), str) and event["url"]:
+        return event["url"]
+    raise ServiceError("an image in the answer is empty (no b64_json or url)", hint="retry later")
+
+
+def decode_stream_event(name: str, skeleton: bytes) -> tuple[str, dict[str, Any]]:
+    """('partial' | 'completed' | 'done' | 'other', the event's JSON with its base64 cut out)."""
+    if skeleton.strip() == b"[DONE]":
+        return "done", {}
     try:
         event = json.loads(skeleton)
     except ValueError:
-        raise ServiceError(f"the stream sent an event that is not JSON: {body_excerpt(data)}",
+        raise ServiceError(f"the stream sent an event that is not JSON: {body_excerpt(skeleton)}",
                            hint="retry without --stream") from None
     if not isinstance(event, dict):
-        return "other", {}, None
+        return "other", {}
     if event.get("error") or name == "error" or event.get("type") == "error":
         raise stream_error(event)
     kind = str(event.get("type") or name)
-    raw = values[0] if values else None
     if kind.endswith(".partial_image"):
-        return "partial", event, raw
-    return ("completed" if kind.endswith(".completed") else "other"), event, raw
+        return "partial", event
+    return ("completed" if kind.endswith(".completed") else "other"), event
+
+
+def read_answer(response: Any, transfer: Transfer, *, deadline: float) -> HttpResponse:
+    """A 2xx answer goes to the spool as it arrives: an event stream (read event by event for its
+    previews) or a JSON body. Without a spool (an image download) it is read into memory."""
+    headers = lowercase_headers(response.headers)
+    if transfer.spool is None:
+        return HttpResponse(response.status, headers, read_body(response, deadline=deadline))
+    transfer.spool.seek(0)
+    transfer.spool.truncate()
+    if transfer.on_preview and headers.get("content-type", "").startswith("text/event-stream"):
+        copy_event_stream(response, transfer.spool, transfer.on_preview, deadline=deadline)
+        return HttpResponse(response.status, headers, b"", spooled=True, streamed=True)
+    copy_body(response, transfer.spool, deadline=deadline)
+    return HttpResponse(response.status, headers, b"", spooled=True)
 
 
 def stream_error(event: Mapping[str, Any]) -> ToolError:
@@ -1479,14 +1658,14 @@ class Gate:
 
 
 def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callable[[str], None],
-                      gate: Optional[Gate] = None, on_preview: Optional[PreviewSink] = None) -> HttpResponse:
+                      gate: Optional[Gate] = None, transfer: Transfer = Transfer()) -> HttpResponse:
     """Retry what cannot have been billed: connection failures, 408/409/429 and 5xx."""
     gate = gate or Gate(1)
     for attempt in range(config.retries + 1):
         last = attempt == config.retries
         gate.enter()
         try:
-            response = send_request(request, timeout_s=config.timeout_s, on_preview=on_preview)
+            response = send_request(request, timeout_s=config.timeout_s, transfer=transfer)
         except ConnectError as err:
             if last:
                 raise
@@ -1569,49 +1748,13 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
 
 
 B64_KEY = re.compile(rb'"b64_json"\s*:\s*"')
-
-
-def split_base64_values(body: Union[bytes, bytearray]) -> tuple[bytes, list[memoryview]]:
-    """Cut each b64_json value out of the raw JSON so the rest parses small and the
-    33 MB of a 4K image is never copied into a str (base64 has no quotes to escape)."""
-    view, pieces, values, position = memoryview(body), [], [], 0
-    while True:
-        match = B64_KEY.search(body, position)
-        if not match:
-            break
-        start = match.end()
-        end = body.find(b'"', start)
-        if end < 0:
-            break
-        pieces.append(view[position:start])
-        values.append(view[start:end] if body.find(b"\\", start, end) < 0 else unescape_json_string(view[start:end]))
-        position = end
-    pieces.append(view[position:])
-    return b"".join(pieces), values
-
-
-def unescape_json_string(raw: memoryview) -> memoryview:
-    """Some gateways escape '/' as '\\/' or wrap lines with '\\n': decode those rare values properly."""
-    return memoryview(json.loads(b'"' + raw.tobytes() + b'"').encode("ascii", "ignore"))
-
-
-def parse_images_response(body: Union[bytes, bytearray]) -> ImagesPayload:
-    skeleton, values = split_base64_values(body)
-    meta = load_json_object(skeleton)
-    items = meta.get("data")
-    if not isinstance(items, list) or not items:
-        error = meta.get("error")
-        if error:
-            message = error.get("message") if isinstance(error, dict) else error
-            raise ServiceError(f"the answer holds an error instead of images: {message}")
-        raise ServiceError("the answer has no images (no data)", hint="retry later")
-    carriers = [item for item in items if isinstance(item, dict) and "b64_json" in item]
-    if len(carriers) != len(values):
-        meta = load_json_object(body)
-        return ImagesPayload(meta, tuple(image_source(item, None) for item in meta["data"]))
-    found = iter(values)
-    return ImagesPayload(meta, tuple(image_source(item, next(found) if "b64_json" in item else None)
-                                     for item in items))
+# A tail that may still grow into B64_KEY with the next piece: cut anywhere, even in its spaces.
+B64_KEY_AT_END = re.compile(rb'"(?:b(?:6(?:4(?:_(?:j(?:s(?:o(?:n(?:"\s*(?::\s*)?)?)?)?)?)?)?)?)?)?\Z')
+BAD_ESCAPE = re.compile(rb"\\(?![/nrt])")
+ESCAPES = ((b"\\/", b"/"), (b"\\n", b""), (b"\\r", b""), (b"\\t", b""))
+NOT_BASE64 = bytes(sorted(set(range(256)) - set(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")))
+DATA_URL_LIMIT = 256  # the longest data:image/...;base64, prefix looked for
 
 
 def load_json_object(raw: Union[bytes, bytearray]) -> dict[str, Any]:
@@ -1624,44 +1767,161 @@ def load_json_object(raw: Union[bytes, bytearray]) -> dict[str, Any]:
     return payload
 
 
-def image_source(item: Any, raw_b64: Optional[memoryview]) -> Union[memoryview, str]:
-    if not isinstance(item, dict):
-        raise ServiceError("the answer's data holds something other than images")
-    if raw_b64 is not None:
-        return raw_b64
-    value = item.get("b64_json")
-    if isinstance(value, str) and value:
-        return memoryview(value.encode("ascii", "ignore"))
-    if isinstance(item.get("url"), str) and item["url"]:
-        return item["url"]
-    raise ServiceError("an image in the answer is empty (no b64_json or url)", hint="retry later")
+def scan_b64_values(handle: IO[bytes], start: int, end: int, *,
+                    piece: int = SPOOL_PIECE) -> tuple[bytes, list[tuple[int, int]]]:
+    """The JSON in [start, end) with each b64_json value emptied to "" (it parses small: usage,
+    revised_prompt, url items), and the file span of each value's characters. Values are skipped,
+    never copied: memory is the skeleton and one piece."""
+    skeleton, spans = bytearray(), []
+    resume = 0  # skeleton index from which a key may still begin
+    opened: Optional[int] = None  # file position of the open value's first character
+    escaped = False  # the open value's text so far ends with a backslash
+    handle.seek(start)
+    position = start
+    while position < end:
+        chunk = handle.read(min(piece, end - position))
+        if not chunk:
+            raise ValueError(f"the file ends at {position}, before {end}")
+        index = 0
+        while index < len(chunk):
+            if opened is None:
+                key_end, resume = append_and_find_key(skeleton, memoryview(chunk)[index:], resume)
+                if key_end < 0:
+                    break
+                index = len(chunk) - (len(skeleton) - key_end)
+                del skeleton[key_end:]
+                opened, escaped = position + index, False
+            else:
+                close, escaped = closing_quote(chunk, index, escaped)
+                if close < 0:
+                    break
+                spans.append((opened, position + close))
+                opened, index, resume = None, close, len(skeleton) + 1  # the quote ends, not starts
+        position += len(chunk)
+    if opened is not None:
+        raise ValueError(f"the b64_json value at {opened} is not terminated")
+    return bytes(skeleton), spans
 
 
-def decode_base64_image(raw: memoryview) -> tuple[bytes, ImageInfo]:
-    """Decode one b64_json value (a data:image/...;base64, prefix tolerated) and check its signature."""
-    if raw[:5].tobytes() == b"data:":
-        comma = raw[:200].tobytes().find(b",")
-        raw = raw[comma + 1:]
-    if not len(raw):
-        raise ServiceError("an image in the answer is empty (b64_json is blank)", hint="retry later")
-    try:
-        data = binascii.a2b_base64(raw)
-    except binascii.Error as err:
-        raise ServiceError(f"an image in the answer is not valid base64: {err}", hint="retry later") from None
-    return data, check_image_bytes(data)
+def append_and_find_key(skeleton: bytearray, text: memoryview, resume: int) -> tuple[int, int]:
+    """Append text found outside values, then look for a key from resume, which may lie in
+    earlier pieces (a key split between reads). Returns (skeleton index after the key's opening
+    quote, or -1; the next resume)."""
+    skeleton += text
+    found = B64_KEY.search(skeleton, resume)
+    if found:
+        return found.end(), found.end()
+    partial = B64_KEY_AT_END.search(skeleton, resume)
+    return -1, partial.start() if partial else len(skeleton)
 
 
-def check_image_bytes(data: bytes) -> ImageInfo:
-    import io
+def closing_quote(chunk: bytes, index: int, escaped: bool) -> tuple[int, bool]:
+    """Index of the quote that ends a JSON string (-1 when not in chunk), and whether chunk ends
+    on an unpaired backslash, which escapes the next chunk's first character. A quote is escaped
+    when an odd run of backslashes precedes it: a value full of '\\/' is still read at memchr speed."""
+    index += escaped
+    while True:
+        quote = chunk.find(b'"', index)
+        run = backslash_run(chunk, index, len(chunk) if quote < 0 else quote)
+        if quote < 0:
+            return -1, run % 2 == 1
+        if run % 2 == 0:
+            return quote, False
+        index = quote + 1
 
-    info = image_info_from_stream(io.BytesIO(data))
-    if info is None:
-        raise ServiceError(f"the answer's image is not a PNG, JPEG or WebP ({len(data)} bytes starting "
-                           f"{data[:8].hex()})", hint="retry later")
-    return info
+
+def backslash_run(chunk: bytes, start: int, end: int) -> int:
+    """How many backslashes end chunk[start:end]."""
+    run = 0
+    while end - run > start and chunk[end - run - 1] == 0x5C:
+        run += 1
+    return run
 
 
-def download_image(url: str, *, timeout_s: float) -> tuple[bytes, ImageInfo]:
+def decode_b64_span(handle: IO[bytes], span: tuple[int, int], out: IO[bytes], *,
+                    piece: int = SPOOL_PIECE) -> tuple[int, str]:
+    """Decode the base64 characters of span into out, piece by piece, to the very bytes that
+    base64.b64decode gives for the whole unescaped value. Returns (bytes written, their sha256).
+    On ValueError, out may hold part of the image: write it to a temporary file."""
+    begin, end = skip_data_url(handle, span)
+    import hashlib
+
+    digest, written = hashlib.sha256(), 0
+    pending, backslash, padded = b"", b"", False
+    handle.seek(begin)
+    while begin < end:
+        raw = handle.read(min(piece, end - begin))
+        if not raw:
+            raise ValueError("the file ends inside the base64 value")
+        begin += len(raw)
+        text, backslash = unescape_base64(backslash + raw)
+        if padded:
+            continue  # b64decode ignores what follows the padding; the escapes are still checked
+        decoded, pending, padded = decode_groups(pending + text.translate(None, NOT_BASE64))
+        out.write(decoded)
+        digest.update(decoded)
+        written += len(decoded)
+    if backslash:
+        raise ValueError("the base64 value ends inside an escape")
+    if pending and not padded:
+        raise ValueError("not valid base64: incorrect padding (the value may be cut short)")
+    if not written:
+        raise ValueError("the base64 value is empty")
+    return written, digest.hexdigest()
+
+
+def skip_data_url(handle: IO[bytes], span: tuple[int, int]) -> tuple[int, int]:
+    """Some gateways send a data:image/...;base64, URL: the value starts after its comma."""
+    begin, end = span
+    handle.seek(begin)
+    head = handle.read(min(DATA_URL_LIMIT, end - begin))
+    if not head.startswith(b"data:"):
+        return begin, end
+    comma = head.find(b",")
+    if comma < 0:
+        raise ValueError("the value is a data: URL without base64 after it")
+    return begin + comma + 1, end
+
+
+def unescape_base64(raw: bytes) -> tuple[bytes, bytes]:
+    """Gateways may JSON-escape '/' as '\\/' or wrap lines with '\\n', '\\r\\n', '\\t' (dropped);
+    anything else would not be base64. Returns the text and a backslash that ends raw, whose
+    escaped character comes with the next piece. bytes.replace, not re.sub: a sub builds a
+    fragment per escape, megabytes for a value with every '/' escaped."""
+    if b"\\" not in raw:
+        return raw, b""
+    tail = b"\\" if raw.endswith(b"\\") else b""  # "\\\\" at the end is refused below anyway
+    text = raw[:len(raw) - len(tail)]
+    if BAD_ESCAPE.search(text):  # now every backslash starts one of the four escapes
+        raise ValueError("the base64 value holds a JSON escape other than \\/, \\n, \\r, \\t")
+    for escape, meaning in ESCAPES:
+        text = text.replace(escape, meaning)
+    return text, tail
+
+
+def decode_groups(text: bytes) -> tuple[bytes, bytes, bool]:
+    """Decode the whole 4-character groups of filtered base64 as binascii.a2b_base64 decodes
+    them in one call: a '=' ends the data in a group's 4th place, or in its 3rd when another
+    '=' follows; elsewhere it is skipped. Returns (bytes, the characters to carry, ended)."""
+    if b"=" not in text:  # every piece but the last, in practice
+        whole = len(text) - len(text) % 4
+        return binascii.a2b_base64(memoryview(text)[:whole]), text[whole:], False
+    parts = text.split(b"=")
+    count = 0
+    for index, part in enumerate(parts[:-1]):
+        count += len(part)
+        place, next_is_pad = count % 4, not parts[index + 1]
+        if place == 3 or (place == 2 and next_is_pad and index + 2 < len(parts)):
+            return binascii.a2b_base64(b"".join(parts[:index + 1]) + b"=" * (4 - place)), b"", True
+        if place == 2 and next_is_pad:  # the '=' ends the piece: the next one tells if it pads
+            clean = b"".join(parts[:index + 1])
+            return binascii.a2b_base64(clean[:-2]), clean[-2:] + b"=", False
+    clean = b"".join(parts)
+    whole = len(clean) - len(clean) % 4
+    return binascii.a2b_base64(clean[:whole]), clean[whole:], False
+
+
+def download_image(url: str, *, timeout_s: float) -> bytes:
     """A url-only answer item is fetched without the key (it may point anywhere)."""
     if not url.lower().startswith(("http://", "https://")):
         raise ServiceError(f"the answer's image URL is not http(s): {url[:200]}")
@@ -1670,8 +1930,68 @@ def download_image(url: str, *, timeout_s: float) -> tuple[bytes, ImageInfo]:
     if response.status != 200:
         raise ServiceError(f"downloading the image failed with HTTP {response.status}: {url}",
                            hint="open the URL in a browser within 60 minutes to save it")
-    data = bytes(response.body)
-    return data, check_image_bytes(data)
+    return bytes(response.body)
+
+
+ImageSource = Union[tuple[int, int], str]           # a span of base64 in the spool, or a URL
+ImageFill = Callable[[IO[bytes]], tuple[int, str]]  # writes one image, returns its size and sha256
+
+
+def read_spooled_answer(spool: Path, *, streamed: bool) -> tuple[dict[str, Any], tuple[ImageSource, ...]]:
+    """The answer's JSON without its base64 (small), and where each image is."""
+    with open(spool, "rb") as handle:
+        try:
+            if streamed:
+                return read_spooled_stream(handle)
+            skeleton, spans = scan_b64_values(handle, 0, os.fstat(handle.fileno()).st_size)
+        except ValueError:
+            raise ServiceError("the answer ends inside an image (it was cut off)", hint="retry later") from None
+    meta = load_json_object(skeleton)
+    items = meta.get("data")
+    if not isinstance(items, list) or not items:
+        error = meta.get("error")
+        if error:
+            message = error.get("message") if isinstance(error, dict) else error
+            raise ServiceError(f"the answer holds an error instead of images: {message}")
+        raise ServiceError("the answer has no images (no data)", hint="retry later")
+    found = iter(spans)
+    return meta, tuple(spooled_source(item, found) for item in items)
+
+
+def spooled_source(item: Any, spans: Iterator[tuple[int, int]]) -> ImageSource:
+    if not isinstance(item, dict):
+        raise ServiceError("the answer's data holds something other than images")
+    if item.get("b64_json") == "":
+        span = next(spans, None)
+        if span is not None:
+            return span
+    if isinstance(item.get("url"), str) and item["url"]:
+        return item["url"]
+    raise ServiceError("an image in the answer is empty (no b64_json or url)", hint="retry later")
+
+
+def image_fill(source: ImageSource, spool: IO[bytes], config: ApiConfig) -> ImageFill:
+    """How to write one image: decode its span of the spool, or download it once and write the bytes."""
+    if isinstance(source, str):
+        data = download_image(source, timeout_s=config.timeout_s)
+        return lambda out: write_and_digest(out, data)
+    return lambda out: decode_spooled_image(spool, source, out)
+
+
+def write_and_digest(out: IO[bytes], data: bytes) -> tuple[int, str]:
+    import hashlib
+
+    out.write(data)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def decode_spooled_image(spool: IO[bytes], span: tuple[int, int], out: IO[bytes]) -> tuple[int, str]:
+    if span[0] == span[1]:
+        raise ServiceError("an image in the answer is empty (b64_json is blank)", hint="retry later")
+    try:
+        return decode_b64_span(spool, span, out)
+    except ValueError as err:
+        raise ServiceError(f"an image in the answer is not valid base64: {err}", hint="retry later") from None
 
 
 def output_paths(plan: OutputPlan, count: int) -> list[Path]:
@@ -1692,69 +2012,142 @@ def next_free_path(path: Path) -> Path:
     return candidate
 
 
+def temporary_beside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{random_hex(4)}.part")
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target, then rename: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.{random_hex(4)}.part")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    done = False
+    """Write beside the target, then rename: readers never see half a file. Only for files this
+    tool owns (job records); a user's file is never replaced this way (see publish)."""
+    temporary = temporary_beside(path)
     try:
-        with os.fdopen(os.open(temporary, flags, 0o666), "wb") as handle:
+        with create_new(temporary) as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        done = True
+        replace_file(temporary, path)
     finally:
-        if not done:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
+        remove_quietly(temporary)
+
+
+def create_new(path: Path) -> IO[bytes]:
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o666), "w+b")
+
+
+def replace_file(source: Path, target: Path) -> None:
+    """os.replace; on Windows a reader holding the target open makes it fail for a moment."""
+    for attempt in range(100):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if os.name != "nt" or attempt == 99:
+                raise
+            time.sleep(0.01)
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def publish(temporary: Path, target: Path, *, replace: bool) -> Path:
+    """Give a finished temporary file its name: the target, or the first free NAME-2, NAME-3, ...
+    The name is claimed with a hard link, which fails if it exists, so two runs finishing at the
+    same instant never overwrite each other; without hard links, an exclusive create claims it."""
+    if replace:
+        replace_file(temporary, target)
+        return target
+    for number in range(1, 100_000):
+        candidate = target if number == 1 else target.with_name(f"{target.stem}-{number}{target.suffix}")
+        try:
+            claim_name(temporary, candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free name like {target.name} in {target.parent}")
+
+
+def claim_name(temporary: Path, candidate: Path) -> None:
+    try:
+        os.link(temporary, candidate)
+    except FileExistsError:
+        raise
+    except (OSError, NotImplementedError, AttributeError):
+        os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        replace_file(temporary, candidate)
+        return
+    os.unlink(temporary)
+
+
+def save_file(target: Path, fill: Callable[[IO[bytes]], Any], *, replace: bool,
+              rename: Optional[Callable[[Any], Path]] = None) -> tuple[Path, Any]:
+    """Write through a temporary file beside the target (removed whatever happens), then publish it
+    as the target, or as rename(what fill returned)."""
+    temporary = temporary_beside(target)
+    LIVE_TEMPORARIES.add(temporary)
+    try:
+        with create_new(temporary) as handle:
+            value = fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return publish(temporary, rename(value) if rename else target, replace=replace), value
+    finally:
+        remove_quietly(temporary)
+        LIVE_TEMPORARIES.discard(temporary)
+
+
+# Temporary files being written now: a worker told to stop removes them before it exits.
+LIVE_TEMPORARIES: set[Path] = set()
 
 
 class PreviewWriter:
-    """Streamed previews beside the target, written atomically: one NAME.partial.png replaced by
-    each newer preview (an image viewer showing it updates), or NAME.partial-1.png, -2, ... kept."""
+    """Streamed previews beside the target: one NAME.partial.png replaced by each newer preview (an
+    image viewer showing it updates), or NAME.partial-1.png, -2, ... kept. A preview never replaces
+    a file it did not write. Used by the thread that reads the stream."""
 
-    def __init__(self, job: ImageJob, console: Console, started: float) -> None:
+    def __init__(self, job: ImageJob, emit: Emit, started: float) -> None:
         self.target = job.output.path
         self.keep = job.output.keep_partials
         self.expected = int(job.fields.get("partial_images", 0))
-        self.console = console
+        self.emit = emit
         self.started = started
         self.count = 0
-        self.paths: list[Path] = []
+        self.paths: list[Path] = []     # every preview file written, in order
 
-    def save(self, raw: memoryview) -> None:
+    def save(self, fill: ImageFill) -> None:
+        """Decoded straight from the spool into a file named for its real format."""
         self.count += 1
-        try:
-            data, info = decode_base64_image(raw)
-        except ServiceError as err:
-            self.console.warn(f"preview {self.count} skipped: {err.message}")
-            return
         label = f"partial-{self.count}" if self.keep else "partial"
-        path = self.target.with_name(f"{self.target.stem}.{label}{FORMAT_EXTENSIONS[info.format]}")
+        wanted = self.target.with_name(f"{self.target.stem}.{label}{self.target.suffix}")
+        own = self.paths[-1] if self.paths and not self.keep else None
+
+        def name_for(image: SavedImage) -> Path:
+            return path_for_format(own or wanted, image.info.format)
+
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(path, data)
+            wanted.parent.mkdir(parents=True, exist_ok=True)
+            path = save_file(wanted, fill_and_inspect(fill), replace=own is not None, rename=name_for)[0]
+        except ServiceError as err:
+            self.emit("warning", message=f"preview {self.count} skipped: {err.message}")
+            return
         except OSError as err:
-            self.console.warn(f"preview {self.count} could not be written: {err.strerror or err}")
+            self.emit("warning", message=f"preview {self.count} could not be written: {err.strerror or err}")
             return
         if path not in self.paths:
             self.paths.append(path)
-        self.console.progress(f"preview {self.count}/{self.expected} after "
-                              f"{time.monotonic() - self.started:.0f} s: {path}")
+        self.emit("preview", index=self.count, of=self.expected, path=str(path),
+                  after_s=round(time.monotonic() - self.started, 3))
 
-    def settle(self, *, final_saved: bool) -> tuple[Path, ...]:
-        """The preview files left on disk: all when kept, the last one when no final image came."""
-        if self.keep or not final_saved:
-            return tuple(self.paths)
-        for path in self.paths:
-            try:
-                path.unlink()
-            except OSError:
-                pass
-        return ()
+
+def settle_previews(paths: Sequence[Path], *, keep: bool, final_saved: bool) -> tuple[Path, ...]:
+    """The preview files left on disk: all when kept, the last one when no final image came."""
+    if keep or not final_saved:
+        return tuple(paths)
+    for path in paths:
+        remove_quietly(path)
+    return ()
 
 
 def fallback_folder() -> Path:
@@ -1763,32 +2156,43 @@ def fallback_folder() -> Path:
     return Path(tempfile.gettempdir()) / FALLBACK_FOLDER
 
 
-def write_image(data: bytes, target: Path, *, overwrite: bool) -> tuple[Path, str]:
-    """Write where asked; if that fails, to the temp folder. Returns the path and why it fell back."""
+def fill_and_inspect(fill: ImageFill) -> Callable[[IO[bytes]], SavedImage]:
+    """Write the image, then read its real format and size back from the file's first bytes."""
+    def write(handle: IO[bytes]) -> SavedImage:
+        size, digest = fill(handle)
+        handle.seek(0)
+        info = image_info_from_stream(handle)
+        if info is None:
+            handle.seek(0)
+            raise ServiceError(f"the answer's image is not a PNG, JPEG or WebP ({size} bytes starting "
+                               f"{handle.read(8).hex()})", hint="retry later")
+        return SavedImage(Path(), info, size, digest)
+
+    return write
+
+
+def save_image(fill: ImageFill, target: Path, *, overwrite: bool) -> SavedImage:
+    """Named by the image's real format; if the target folder fails, the temp folder (exit 7)."""
+    def name_for(image: SavedImage) -> Path:
+        return path_for_format(destination, image.info.format)
+
     try:
+        destination = target
         target.parent.mkdir(parents=True, exist_ok=True)
-        path = target if overwrite else next_free_path(target)
-        write_file_atomic(path, data)
-        return path, ""
+        path, image = save_file(target, fill_and_inspect(fill), replace=overwrite, rename=name_for)
+        return dataclasses.replace(image, path=path)
     except OSError as err:
         reason = f"{target} could not be written ({err.strerror or err})"
     folder = fallback_folder()
     try:
+        destination = folder / target.name
         folder.mkdir(parents=True, exist_ok=True)
-        path = next_free_path(folder / target.name)
-        write_file_atomic(path, data)
+        path, image = save_file(destination, fill_and_inspect(fill), replace=False, rename=name_for)
     except OSError as err:
         raise ServiceError(f"the image was received but could not be saved: {reason}; "
                            f"the fallback {folder} failed too ({err.strerror or err})", kind="save_failed",
-                           hint="free disk space or choose another -f, then run again") from None
-    return path, reason
-
-
-def save_image(data: bytes, info: ImageInfo, target: Path, *, overwrite: bool) -> SavedImage:
-    import hashlib
-
-    path, reason = write_image(data, target, overwrite=overwrite)
-    return SavedImage(path, info, len(data), hashlib.sha256(data).hexdigest(), reason)
+                           hint="free disk space or choose another -f, then run the same command again") from None
+    return dataclasses.replace(image, path=path, fallback_reason=reason)
 
 
 def build_metadata(job: ImageJob, saved: SavedImage, result_meta: Mapping[str, Any], *,
@@ -1806,15 +2210,675 @@ def build_metadata(job: ImageJob, saved: SavedImage, result_meta: Mapping[str, A
             "elapsed_s": round(elapsed_s, 3)}
 
 
-def write_metadata(saved: SavedImage, metadata: Mapping[str, Any]) -> Path:
-    path = saved.path.with_name(saved.path.name + ".json")
-    write_file_atomic(path, json.dumps(metadata, ensure_ascii=False, indent=2).encode("utf-8") + b"\n")
-    return path
+def write_metadata(saved: SavedImage, metadata: Mapping[str, Any], *, overwrite: bool) -> Path:
+    data = json.dumps(metadata, ensure_ascii=False, indent=2).encode("utf-8") + b"\n"
+    return save_file(saved.path.with_name(saved.path.name + ".json"), lambda out: out.write(data),
+                     replace=overwrite)[0]
 
 
 def first_revised_prompt(meta: Mapping[str, Any]) -> Optional[str]:
     items = meta.get("data") or []
     return next((i["revised_prompt"] for i in items if isinstance(i, dict) and i.get("revised_prompt")), None)
+
+
+# --- Jobs ---
+
+Emit = Callable[..., None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """What the worker knows of a 2xx answer besides its body, which is in the spool."""
+
+    request_id: str
+    elapsed_s: float
+    streamed: bool = False                         # the spool holds an event stream, not JSON
+    previews: Optional[int] = None                 # previews received, when streamed
+    preview_paths: tuple[Path, ...] = ()
+
+
+def fetch_answer(job: ImageJob, config: ApiConfig, *, spool: Path, emit: Emit,
+                 on_stage: Callable[[str], None], gate: Optional[Gate] = None) -> Received:
+    """Send with retries until a 2xx answer is in the spool; a streamed answer is spooled as the JSON
+    answer it stands for, so one decoder serves both."""
+    request = build_request(job, config)
+    started = time.monotonic()
+    previews = PreviewWriter(job, emit, started) if job.streamed else None
+    try:
+        with open(spool, "w+b") as handle:
+            transfer = Transfer(spool=handle, on_stage=on_stage, on_preview=previews.save if previews else None)
+            response = send_with_retries(request, config, notify=lambda text: emit("retry", message=text),
+                                         gate=gate, transfer=transfer)
+            if not 200 <= response.status < 300:
+                raise error_for_status(response, config)
+    except ToolError as err:
+        remove_quietly(spool)
+        if previews and previews.paths:
+            err.message += f"; the last preview is kept at {previews.paths[-1]}"
+        raise
+    return Received(request_id_of(response.headers), time.monotonic() - started, response.streamed,
+                    previews.count if previews else None, tuple(previews.paths) if previews else ())
+
+
+def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: ApiConfig) -> RunResult:
+    """Decode and write what the spooled answer holds: a single run, a batch item, a recovery."""
+    meta, sources = read_spooled_answer(spool, streamed=received.streamed)
+    saved, warnings, problem = save_all(job, sources, spool, config)
+    for image in saved if job.output.metadata else ():
+        metadata = build_metadata(job, image, meta, request_id=received.request_id, elapsed_s=received.elapsed_s)
+        try:
+            write_metadata(image, metadata, overwrite=job.output.overwrite)
+        except OSError as err:
+            warnings.append(f"the metadata of {image.path.name} could not be written: {err.strerror or err}")
+    fallbacks = [s for s in saved if s.fallback_reason]
+    if fallbacks and problem is None:
+        problem = FallbackSaveError(f"{fallbacks[0].fallback_reason}; saved to the fallback {fallbacks[0].path}",
+                                    hint="use the printed path, or move the file where you want it")
+    partials = settle_previews(received.preview_paths, keep=job.output.keep_partials, final_saved=bool(saved))
+    return RunResult(job, tuple(saved), meta, received.request_id, received.elapsed_s,
+                     tuple(warnings + size_warnings(job, saved)), problem, previews=received.previews,
+                     partials=partials)
+
+
+def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
+             config: ApiConfig) -> tuple[list[SavedImage], list[str], Optional[ToolError]]:
+    """Save every image that decodes; a bad one does not cost the good ones. A failure to write
+    anywhere (save_failed) is raised: the spool keeps the answer for a later attach."""
+    targets = output_paths(job.output, max(job.n, len(sources)))
+    saved, warnings, problem = [], [], None
+    with open(spool, "rb") as handle:
+        for source, target in zip(sources, targets):
+            try:
+                image = save_image(image_fill(source, handle, config), target, overwrite=job.output.overwrite)
+            except ToolError as err:
+                if err.kind == "save_failed":
+                    raise
+                problem = err
+                continue
+            intended = path_for_format(target, image.info.format)
+            if image.info.format != job.output.format:
+                warnings.append(f"expected {job.output.format} but the image is {image.info.format}: "
+                                f"saved as {intended.name}")
+            if image.path != intended and not image.fallback_reason:
+                warnings.append(f"{intended.name} exists: saved as {image.path.name} (--overwrite replaces it)")
+            saved.append(image)
+    if problem is None and len(saved) < job.n:
+        problem = ServiceError(f"asked for {job.n} images but the answer held {len(saved)}", hint="retry later")
+    return saved, warnings, problem
+
+
+def size_warnings(job: ImageJob, saved: Sequence[SavedImage]) -> list[str]:
+    if not job.size_explicit:
+        return []
+    requested = job.fields["size"]
+    return [f"asked for {requested} but {s.path.name} is {s.info.width}x{s.info.height}"
+            for s in saved if f"{s.info.width}x{s.info.height}" != requested]
+
+
+def state_folder(env: Mapping[str, str]) -> Path:
+    """APIYI_STATE_DIR, else the platform's per-user state folder."""
+    if env.get(ENV_STATE_DIR):
+        return Path(env[ENV_STATE_DIR]).expanduser()
+    home = Path.home()
+    if os.name == "nt":
+        base = Path(env.get("LOCALAPPDATA") or home / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = home / "Library" / "Application Support"
+    else:
+        base = Path(env.get("XDG_STATE_HOME") or home / ".local" / "state")
+    return base / TOOL_NAME
+
+
+def open_state_folder(env: Mapping[str, str]) -> Path:
+    """Created private to the user (job records name the files and prompts of their runs)."""
+    folder = state_folder(env)
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if os.name != "nt" and folder.stat().st_mode & 0o077:
+            os.chmod(folder, 0o700)
+    except OSError as err:
+        raise UsageError(f"the state folder {folder} cannot be created: {err.strerror or err}",
+                         hint=f"set {ENV_STATE_DIR} to a writable folder") from None
+    return folder
+
+
+@dataclasses.dataclass(frozen=True)
+class JobFiles:
+    """Where one job lives in the state folder: ID.json (the record), ID.events.jsonl, ID.log,
+    ID.lock (held by the worker while it lives), ID.reported and the spool of each answer."""
+
+    folder: Path
+    job_id: str
+
+    def file(self, suffix: str) -> Path:
+        return self.folder / f"{self.job_id}{suffix}"
+
+    @property
+    def record(self) -> Path:
+        return self.file(".json")
+
+    @property
+    def events(self) -> Path:
+        return self.file(".events.jsonl")
+
+    @property
+    def log(self) -> Path:
+        return self.file(".log")
+
+    @property
+    def lock(self) -> Path:
+        return self.file(".lock")
+
+    @property
+    def reported(self) -> Path:
+        return self.file(".reported")
+
+    def spool(self, item: int = 0) -> Path:
+        return self.file(f".item-{item}.spool" if item else ".spool")
+
+    def all_files(self) -> list[Path]:
+        return [p for p in self.folder.glob(f"{self.job_id}.*") if p.name.split(".")[0] == self.job_id]
+
+
+def new_job_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{random_hex(3)}"
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(READ_CHUNK), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def text_digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def request_fingerprint(job: ImageJob, base_url: str) -> str:
+    """What was asked: endpoint, every field, the bytes of every input, where the result goes. A
+    made-up name (no -f) differs on each run, so its folder stands for it."""
+    output = job.output
+    target = f"auto:{os.path.abspath(output.path.parent)}" if output.auto_named else os.path.abspath(output.path)
+    asked = {"url": base_url + job.endpoint, "fields": job.fields,
+             "inputs": [file_digest(f.path) for f in job.images],
+             "mask": file_digest(job.mask.path) if job.mask else None, "target": target,
+             "output": [output.format, output.overwrite, output.metadata, output.keep_partials]}
+    return text_digest(json.dumps(asked, sort_keys=True, ensure_ascii=False))
+
+
+def key_digest(key: str) -> str:
+    """One-way: two accounts never share a job, and the record says nothing of the key."""
+    return text_digest(f"{TOOL_NAME} account\0{key}")
+
+
+def job_fingerprint(parts: Sequence[str], key: str) -> str:
+    return text_digest("\n".join([*parts, key_digest(key)]))
+
+
+def to_plain(value: Any) -> Any:
+    """A dataclass as JSON-ready data (paths as text)."""
+    return json.loads(json.dumps(dataclasses.asdict(value), default=str, ensure_ascii=False))
+
+
+def input_from_plain(plain: Mapping[str, Any]) -> InputFile:
+    return InputFile(Path(plain["path"]), ImageInfo(**plain["info"]), plain["size_bytes"])
+
+
+def job_from_plain(plain: Mapping[str, Any]) -> ImageJob:
+    output = OutputPlan(**{**plain["output"], "path": Path(plain["output"]["path"])})
+    return ImageJob(plain["prompt"], plain["fields"], tuple(input_from_plain(i) for i in plain["images"]),
+                    input_from_plain(plain["mask"]) if plain["mask"] else None, output,
+                    tuple(plain["notes"]), tuple(plain["warnings"]))
+
+
+def plan_from_plain(plain: Mapping[str, Any]) -> BatchPlan:
+    items = tuple(BatchItem(i["number"], job_from_plain(i["job"]), tuple(Path(p) for p in i["done_paths"]),
+                            i.get("fingerprint", "")) for i in plain["items"])
+    return BatchPlan(Path(plain["source"]), plain["description"], items, Path(plain["manifest"]), plain["jobs"])
+
+
+def config_to_plain(config: ApiConfig) -> dict[str, Any]:
+    return {"base_url": config.base_url, "timeout_s": config.timeout_s, "retries": config.retries}
+
+
+def config_from_plain(plain: Mapping[str, Any], key: str) -> ApiConfig:
+    return ApiConfig(plain["base_url"], key, plain["timeout_s"], plain["retries"])
+
+
+def result_to_plain(result: RunResult) -> dict[str, Any]:
+    return {"files": [to_plain(s) for s in result.files], "meta": result.meta, "request_id": result.request_id,
+            "elapsed_s": result.elapsed_s, "warnings": list(result.warnings),
+            "error": error_document(result.error) if result.error else None, "previews": result.previews,
+            "partials": [str(p) for p in result.partials]}
+
+
+def result_from_plain(job: ImageJob, plain: Mapping[str, Any]) -> RunResult:
+    files = tuple(SavedImage(Path(f["path"]), ImageInfo(**f["info"]), f["size_bytes"], f["sha256"],
+                             f["fallback_reason"]) for f in plain["files"])
+    error = error_from_document(plain["error"]) if plain["error"] else None
+    return RunResult(job, files, plain["meta"], plain["request_id"], plain["elapsed_s"], tuple(plain["warnings"]),
+                     error, plain["previews"], tuple(Path(p) for p in plain["partials"]))
+
+
+def error_from_document(document: Mapping[str, Any]) -> ToolError:
+    """A failure recorded by a worker, with the exit code it had there."""
+    err = ToolError(str(document.get("message") or "the job failed"), hint=document.get("hint") or "",
+                    status=document.get("status"), code=document.get("code"), kind=document.get("kind") or "error",
+                    problems=document.get("problems") or ())
+    err.exit_code = int(document.get("exit_code") or EXIT_BUG)
+    return err
+
+
+def read_record(path: Path) -> Optional[dict[str, Any]]:
+    """None when missing, or caught mid-replace on Windows (the next poll reads it)."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("id") else None
+
+
+def write_record(files: JobFiles, record: dict[str, Any]) -> None:
+    record["updated_at"] = time.time()
+    write_file_atomic(files.record, json.dumps(record, ensure_ascii=False).encode("utf-8"))
+
+
+def list_records(folder: Path) -> list[dict[str, Any]]:
+    records = (read_record(p) for p in folder.glob("*.json") if not p.name.endswith(".events.json"))
+    return sorted((r for r in records if r), key=lambda r: (r.get("created_at", 0), r["id"]))
+
+
+def try_lock(handle: IO[bytes]) -> bool:
+    """An exclusive lock without waiting; the system drops it when its holder dies, even by SIGKILL."""
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, *, wait_s: float = 0.0) -> Iterator[bool]:
+    """Yields whether the lock was taken (within wait_s); released on leaving."""
+    with open(path, "a+b") as handle:
+        deadline = time.monotonic() + wait_s
+        taken = try_lock(handle)
+        while not taken and time.monotonic() < deadline:
+            time.sleep(0.01)
+            taken = try_lock(handle)
+        yield taken
+
+
+def worker_alive(files: JobFiles, record: Mapping[str, Any]) -> bool:
+    """The worker holds its lock while it lives; a worker not yet started gets a grace period."""
+    if record.get("state") in FINISHED_STATES:
+        return False
+    with held_lock(files.lock) as free:
+        if not free:
+            return True
+    return record.get("state") == "starting" and time.time() - record.get("created_at", 0) < WORKER_START_GRACE_S
+
+
+@contextlib.contextmanager
+def state_lock(folder: Path) -> Iterator[None]:
+    """Finding and starting a job is one step, so two identical commands never start two jobs."""
+    with held_lock(folder / "jobs.lock", wait_s=STATE_LOCK_WAIT_S) as taken:
+        if not taken:
+            raise ServiceError(f"the state folder {folder} stayed locked for {STATE_LOCK_WAIT_S:.0f} s",
+                               hint=f"another command holds it; try again, or set {ENV_STATE_DIR}")
+        yield
+
+
+def prune_records(folder: Path) -> None:
+    """Finished jobs older than JOB_KEEP_S go, but never one whose spool still holds an answer."""
+    cutoff = time.time() - JOB_KEEP_S
+    for record in list_records(folder):
+        files = JobFiles(folder, record["id"])
+        if record.get("state") in FINISHED_STATES and record.get("updated_at", 0) < cutoff \
+                and not any(p.suffix == ".spool" for p in files.all_files()):
+            for path in files.all_files():
+                remove_quietly(path)
+
+
+# Windows: no console, a process group of its own (Ctrl-C in the caller's console does not reach
+# it), and out of the caller's job object where the job allows it (else the second try, without).
+WINDOWS_DETACHED_PROCESS = 0x00000008
+WINDOWS_NEW_PROCESS_GROUP = 0x00000200
+WINDOWS_BREAKAWAY_FROM_JOB = 0x01000000
+
+
+def spawn_attempts(platform: str) -> list[dict[str, Any]]:
+    """Popen options that detach a worker from the command, most detached first."""
+    if platform == "nt":
+        flags = WINDOWS_DETACHED_PROCESS | WINDOWS_NEW_PROCESS_GROUP
+        return [{"creationflags": flags | WINDOWS_BREAKAWAY_FROM_JOB}, {"creationflags": flags}]
+    return [{"start_new_session": True}]
+
+
+def worker_argv(files: JobFiles) -> list[str]:
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), "--run-job", str(files.record)]
+
+
+RUNNING_WORKERS: list[Any] = []   # Popen objects of this command's workers, reaped when they end
+
+
+def start_worker_process(files: JobFiles, key: str, env: Mapping[str, str]) -> None:
+    """The key travels in the worker's environment, never in its arguments or files."""
+    import subprocess
+
+    child_env = {k: v for k, v in env.items() if k != ENV_WORKER}
+    child_env[ENV_API_KEY] = key
+    failure: Optional[OSError] = None
+    with open(files.log, "ab") as log:
+        for options in spawn_attempts(os.name):
+            try:
+                RUNNING_WORKERS.append(subprocess.Popen(worker_argv(files), stdin=subprocess.DEVNULL, stdout=log,
+                                                        stderr=log, close_fds=True, env=child_env, **options))
+                return
+            except OSError as err:
+                failure = err
+    raise OSError(failure.errno if failure else 0, reason_text(failure))
+
+
+def start_worker_thread(files: JobFiles, key: str) -> None:
+    threading.Thread(target=run_worker, args=(files, key), daemon=True, name=f"job {files.job_id}").start()
+
+
+def start_worker(files: JobFiles, key: str, env: Mapping[str, str], console: Console) -> bool:
+    """A detached process; else a thread of this command, said once. Returns whether it is detached."""
+    mode = env.get(ENV_WORKER, "process")
+    if mode == "process":
+        try:
+            start_worker_process(files, key, env)
+            return True
+        except OSError as err:
+            console.warn(f"no worker process could be started ({reason_text(err)}): the request runs inside "
+                         "this command and stops if it is stopped")
+    elif mode == "unavailable":
+        console.warn(f"{ENV_WORKER}=unavailable: the request runs inside this command and stops if it is stopped")
+    start_worker_thread(files, key)
+    return False
+
+
+def peak_memory_kib() -> Optional[int]:
+    """The worker's own peak resident memory; ru_maxrss is KiB on Linux, bytes on macOS."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak
+
+
+class JobWorker:
+    """The owner of one job, from sending to saving: in a worker process, or in a thread of the
+    command when no process can be started. Every step goes to the record (what is true now) and
+    the events file (what happened); the command reads only those. Batch threads share one
+    JobWorker: record and events are written under self.lock."""
+
+    def __init__(self, files: JobFiles, record: dict[str, Any], key: str) -> None:
+        self.files = files
+        self.record = record                # this worker's copy, written whole on each change
+        self.key = key
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()   # a batch: no new item starts
+
+    def update(self, **changes: Any) -> None:
+        with self.lock:
+            self.record.update(changes)
+            write_record(self.files, self.record)
+
+    def emit(self, event: str, /, **fields: Any) -> None:
+        line = json.dumps({"event": event, "at": round(time.time(), 3), **fields}, ensure_ascii=False)
+        with self.lock, open(self.files.events, "a", encoding="utf-8", newline="\n") as handle:
+            handle.write(line + "\n")
+
+    def on_stage(self, stage: str) -> None:
+        """From the transport: the request is completely sent (it may be billed), or answered."""
+        if stage == "sent" and not self.record.get("sent"):
+            self.update(state="waiting", sent=True, sent_at=time.time())
+            self.emit("sent", possibly_billed=True)
+        elif stage == "receiving" and self.record.get("kind") == "single":
+            self.update(state="receiving")
+
+    def config(self) -> ApiConfig:
+        return config_from_plain(self.record["config"], self.key)
+
+    def run_single(self) -> None:
+        job = job_from_plain(self.record["spec"])
+        spool = self.files.spool()
+        received = fetch_answer(job, self.config(), spool=spool, emit=self.emit, on_stage=self.on_stage)
+        self.update(state="saving", received=True, response=to_plain(received))
+        self.emit("received")
+        finish_single(self, job, spool, received)
+
+    def run_batch(self) -> None:
+        run = BatchRun(plan_from_plain(self.record["spec"]), self.config(), self)
+        run.start()
+        try:
+            run.wait()
+        except Signalled:
+            self.stop_batch(run)
+        self.update(state="cancelled" if run.stop_error and run.stop_error.kind == "cancelled" else "done",
+                    result={"stop_error": error_document(run.stop_error) if run.stop_error else None,
+                            "crashed": run.crashed}, exit_code=EXIT_OK)
+
+    def stop_batch(self, run: BatchRun) -> None:
+        """Told to stop: no new item; those in flight are being paid for, so they finish (a second
+        signal abandons them)."""
+        run.stop(InterruptedRun("cancelled: no new item was started", kind="cancelled",
+                                hint="run the same command again to make the items not run"))
+        try:
+            run.wait()
+        except Signalled:
+            run.abort()
+
+    def fail(self, err: ToolError, *, state: str = "failed") -> None:
+        self.update(state=state, error=error_document(err), exit_code=err.exit_code)
+        self.emit("error", **error_document(err))
+
+
+def finish_single(worker: JobWorker, job: ImageJob, spool: Path, received: Received) -> None:
+    """Save from the spool, record the result, and only then delete the spool: a save that fails
+    leaves it for the next attach."""
+    try:
+        result = save_spooled_answer(job, spool, received, worker.config())
+    except ToolError as err:
+        worker.update(state="failed", error=error_document(err), exit_code=err.exit_code,
+                      note="received, not saved" if spool.exists() else None)
+        worker.emit("error", **error_document(err))
+        return
+    for image in result.files:
+        worker.emit("saved", path=str(image.path), width=image.info.width, height=image.info.height,
+                    format=image.info.format, bytes=image.size_bytes)
+    code = result.error.exit_code if result.error else EXIT_OK
+    worker.update(state="done" if result.files else "failed", result=result_to_plain(result), exit_code=code,
+                  note=None)
+    if not result.error or result.error.kind == "saved_to_fallback":
+        remove_quietly(spool)
+
+
+def run_worker(files: JobFiles, key: str) -> int:
+    """The job, start to finish. This is the one boundary where any exception is caught: it is
+    recorded as a failure with exit 1 and its traceback goes to the job's log, so a bug is never
+    reported as success nor lost."""
+    with held_lock(files.lock) as taken:
+        record = read_record(files.record)
+        if not taken or record is None or record.get("state") != "starting":
+            return EXIT_OK                  # another worker owns it, or it is already over
+        worker = JobWorker(files, record, key)
+        worker.update(state="sending", pid=os.getpid(), worker_started_at=time.time())
+        try:
+            (worker.run_single if record["kind"] == "single" else worker.run_batch)()
+        except Signalled as signal_seen:
+            cancel_in_worker(worker, signal_seen.name)
+        except ToolError as err:
+            worker.fail(err)
+        except Exception as err:  # the documented boundary: recorded, never swallowed
+            import traceback
+
+            with open(files.log, "a", encoding="utf-8") as log:
+                traceback.print_exc(file=log)
+            worker.fail(ToolError(f"a bug in the worker: {type(err).__name__}: {err} (traceback in {files.log})"))
+        finally:
+            for temporary in list(LIVE_TEMPORARIES):
+                remove_quietly(temporary)
+            worker.update(peak_rss_kib=peak_memory_kib())
+    return EXIT_OK
+
+
+def cancel_in_worker(worker: JobWorker, signal_name: str) -> None:
+    billed = "the request was already sent and may still be billed" if worker.record.get("sent") \
+        else "nothing was sent, nothing is billed"
+    if not worker.record.get("received"):
+        remove_quietly(worker.files.spool())
+    worker.fail(InterruptedRun(f"job {worker.files.job_id} was cancelled ({signal_name}); {billed}",
+                               kind="cancelled", hint="run the same command again to make a new request"),
+                state="cancelled")
+
+
+def item_record(item: BatchItem, status: str, *, result: Optional[RunResult] = None,
+                error: Optional[ToolError] = None, elapsed_s: float = 0.0) -> dict[str, Any]:
+    """One manifest line, and one entry of the --json summary."""
+    files = result.files if result else ()
+    paths = [str(s.path) for s in files] if result else [str(p) for p in item.done_paths]
+    return {"item": item.number, "prompt": item.job.prompt, "status": status, "fingerprint": item.fingerprint,
+            "n": item.job.n, "target": str(item.job.output.path), "paths": paths,
+            "warnings": list(result.warnings) if result else [],
+            "sha256": [s.sha256 for s in files], "sizes": [f"{s.info.width}x{s.info.height}" for s in files],
+            "usage": result.meta.get("usage") if result else None,
+            "request_id": (result.request_id or None) if result else None,
+            "elapsed_s": round(elapsed_s, 3), "error": error_document(error) if error else None,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class BatchRun:
+    """A batch inside its job's worker: threads take items in order and share one Gate; each item's
+    record goes to the manifest and, as an event, to the command. All state is under self.lock."""
+
+    def __init__(self, plan: BatchPlan, config: ApiConfig, worker: JobWorker) -> None:
+        self.plan, self.config, self.worker = plan, config, worker
+        self.gate = Gate(plan.jobs)
+        self.lock = threading.Lock()
+        self.pending = list(reversed(plan.to_run))      # taken from the end, so in file order
+        self.saving = 0                                 # items writing files now (abort waits for them)
+        self.stop_error: Optional[ToolError] = None     # set: no new item starts
+        self.crashed = False                            # an item ended in a bug (exit 1)
+        self.workers_left = 0
+        self.all_done = threading.Event()
+
+    def start(self) -> None:
+        for item in self.plan.items:
+            if item.skipped:
+                self.finish(item_record(item, "skipped"))
+        workers = min(self.plan.jobs, len(self.pending))
+        self.workers_left = workers
+        if not workers:
+            self.all_done.set()
+        for _ in range(workers):
+            threading.Thread(target=self.work, daemon=True).start()
+
+    def take(self) -> Optional[BatchItem]:
+        with self.lock:
+            if self.stop_error or not self.pending:
+                return None
+            return self.pending.pop()
+
+    def stop(self, error: ToolError) -> None:
+        """No new item starts; those in flight finish (they are being paid for)."""
+        with self.lock:
+            self.stop_error = self.stop_error or error
+
+    def work(self) -> None:
+        try:
+            item = self.take()
+            while item is not None:
+                self.run_item(item)
+                item = self.take()
+        finally:
+            with self.lock:
+                self.workers_left -= 1
+                if not self.workers_left:
+                    self.all_done.set()
+
+    def run_item(self, item: BatchItem) -> None:
+        """A batch thread's boundary: a bug in one item is recorded as that item failing with exit 1
+        (traceback in the job's log), never as a success, and the other items go on."""
+        started = time.monotonic()
+        self.worker.emit("item_started", item=item.number)
+        try:
+            record = self.make_item(item)
+        except Exception as err:  # the documented boundary of a batch thread
+            import traceback
+
+            with open(self.worker.files.log, "a", encoding="utf-8") as log:
+                traceback.print_exc(file=log)
+            bug = ToolError(f"a bug: {type(err).__name__}: {err} (traceback in {self.worker.files.log})")
+            record = item_record(item, "failed", error=bug, elapsed_s=time.monotonic() - started)
+            with self.lock:
+                self.crashed = True
+        self.finish(record)
+
+    def make_item(self, item: BatchItem) -> dict[str, Any]:
+        spool = self.worker.files.spool(item.number)
+        started = time.monotonic()
+        try:
+            received = fetch_answer(item.job, self.config, spool=spool, gate=self.gate, on_stage=self.worker.on_stage,
+                                    emit=functools.partial(self.worker.emit, item=item.number))
+        except ToolError as err:
+            if isinstance(err, AuthError):
+                self.stop(err)
+            return item_record(item, "failed", error=err, elapsed_s=time.monotonic() - started)
+        with self.lock:
+            self.saving += 1
+        try:
+            result = save_spooled_answer(item.job, spool, received, self.config)
+        except ToolError as err:
+            return item_record(item, "failed", error=err, elapsed_s=received.elapsed_s)
+        finally:
+            with self.lock:
+                self.saving -= 1
+        if not result.error or result.error.kind == "saved_to_fallback":
+            remove_quietly(spool)
+        return item_record(item, "failed" if result.error else "ok", result=result, error=result.error,
+                           elapsed_s=received.elapsed_s)
+
+    def finish(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            try:
+                append_manifest(self.plan.manifest, record)
+            except OSError as err:
+                self.worker.emit("warning", message=f"the manifest {self.plan.manifest} could not be written: "
+                                                    f"{err.strerror or err}")
+            self.worker.emit("item_done", record=record)
+
+    def wait(self) -> None:
+        while not self.all_done.wait(0.1):
+            pass
+
+    def abort(self) -> None:
+        """Leave now, but not in the middle of writing a file or a manifest line."""
+        self.stop(InterruptedRun("aborted; the requests in flight were abandoned and may be billed",
+                                 hint="run the same command again to finish what is missing"))
+        deadline = time.monotonic() + 10
+        while self.saving and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 # --- Commands ---
@@ -1823,10 +2887,12 @@ def first_revised_prompt(meta: Mapping[str, Any]) -> Optional[str]:
 class Console:
     """All printing goes through here: stdout for results, stderr for the rest; the key is masked."""
 
-    def __init__(self, *, json_mode: bool, quiet: bool = False) -> None:
+    def __init__(self, *, json_mode: bool, quiet: bool = False, events_mode: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
+        self.events_mode = events_mode      # stderr carries JSON Lines events only
         self.secrets: list[str] = []
+        self.started = time.monotonic()
         self._live = False
 
     def redact(self, text: str) -> str:
@@ -1839,13 +2905,20 @@ class Console:
         stream.flush()
 
     def progress(self, text: str) -> None:
-        if not self.quiet:
+        if not self.quiet and not self.events_mode:
             self.end_live()
             self._write(sys.stderr, text + "\n")
 
     def live(self, text: str) -> None:
-        self._live = True
-        self._write(sys.stderr, "\r" + text.ljust(60))
+        if not self.events_mode:
+            self._live = True
+            self._write(sys.stderr, "\r" + text.ljust(60))
+
+    def event(self, name: str, /, **fields: Any) -> None:
+        """One JSON line on stderr with --events; t counts seconds from this command's start."""
+        if self.events_mode:
+            line = {"event": name, "t": round(time.monotonic() - self.started, 3), **fields}
+            self._write(sys.stderr, json.dumps(line, ensure_ascii=False) + "\n")
 
     def end_live(self) -> None:
         if self._live:
@@ -1853,6 +2926,9 @@ class Console:
             self._write(sys.stderr, "\r" + " " * 60 + "\r")
 
     def warn(self, text: str) -> None:
+        if self.events_mode:
+            self.event("warning", message=text)
+            return
         self.end_live()
         self._write(sys.stderr, f"warning: {text}\n")
 
@@ -1864,6 +2940,9 @@ class Console:
         self._write(sys.stdout, json.dumps(payload, indent=2) + "\n")
 
     def error(self, err: ToolError) -> None:
+        if self.events_mode:
+            self.event("error", **error_document(err))
+            return
         self.end_live()
         self._write(sys.stderr, f"{PROG}: error: {err.message}\n" + (f"hint: {err.hint}\n" if err.hint else ""))
 
@@ -1909,84 +2988,467 @@ def start_line(job: ImageJob) -> str:
             + ": usually 120-150 s, up to 5 min at high quality or 4K")
 
 
-def fetch_images(job: ImageJob, config: ApiConfig, console: Console, *, gate: Optional[Gate] = None) -> Fetched:
-    request = build_request(job, config)
-    console.progress(start_line(job))
-    started = time.monotonic()
-    previews = PreviewWriter(job, console, started) if job.streamed else None
+# How a worker's event reads on a console; the others are shown only with --events.
+EVENT_LINES: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "retry": lambda e: str(e["message"]),
+    "preview": lambda e: f"preview {e['index']}/{e['of']} after {e['after_s']:.0f} s: {e['path']}",
+}
+
+
+class JobWatch:
+    """The command's side of a job: follows its events file and record until the job ends, shows
+    what happens, and knows when to stop waiting. Main thread only."""
+
+    def __init__(self, files: JobFiles, console: Console, *, detached: bool,
+                 on_event: Callable[[Mapping[str, Any]], bool] = lambda event: False) -> None:
+        self.files = files
+        self.console = console
+        self.detached = detached        # False: the worker is a thread of this command
+        self.on_event = on_event        # a batch takes its item events here
+        self.offset = 0                 # how far the events file has been read
+        self.last_heartbeat = time.monotonic()
+
+    def read_events(self) -> list[dict[str, Any]]:
+        """Whole new lines only: the worker may be halfway through writing the next one."""
+        try:
+            with open(self.files.events, "rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+    def show(self, event: Mapping[str, Any]) -> None:
+        fields = {k: v for k, v in event.items() if k not in ("event", "at")}
+        self.console.event(str(event["event"]), job=self.files.job_id, **fields)
+        if self.on_event(event) or self.console.events_mode:
+            return
+        if event["event"] == "warning":
+            self.console.warn(str(event["message"]))
+        elif event["event"] in EVENT_LINES:
+            self.console.progress(EVENT_LINES[event["event"]](event))
+
+    def pump(self) -> None:
+        for event in self.read_events():
+            self.show(event)
+        if time.monotonic() - self.last_heartbeat >= HEARTBEAT_S:
+            self.last_heartbeat = time.monotonic()
+            self.console.event("heartbeat", job=self.files.job_id)
+
+    def wait(self, *, max_wait: Optional[float], on_poll: Callable[[], None] = lambda: None) -> dict[str, Any]:
+        """The job's record once it has ended; StillRunning when max_wait runs out first."""
+        started, polls = time.monotonic(), iter(POLL_INTERVALS_S)
+        while True:
+            self.pump()
+            on_poll()
+            record = read_record(self.files.record)
+            if record and (record["state"] in FINISHED_STATES or not worker_alive(self.files, record)):
+                self.pump()
+                return record
+            if max_wait is not None and time.monotonic() - started >= max_wait:
+                raise still_running(self.files.job_id, f"still running after --max-wait {max_wait:g} s")
+            time.sleep(next(polls, POLL_INTERVALS_S[-1]))
+
+
+def still_running(job_id: str, why: str, *, exit_code: int = EXIT_STILL_RUNNING) -> StillRunning:
+    return StillRunning(f"{why}; the request goes on as job {job_id}", job_id=job_id, exit_code=exit_code,
+                        hint=f"run the same command again, or: {PROG} --attach {job_id}")
+
+
+def settle_dead_worker(files: JobFiles, record: dict[str, Any]) -> dict[str, Any]:
+    """A worker that died without finishing: what its record proves is all there is to say."""
+    if record["state"] in FINISHED_STATES:
+        return record
+    if record.get("received") and files.spool().exists():
+        return record       # the answer is in the spool: the caller saves it
+    if record.get("sent"):
+        err: ToolError = MaybeBilledError(f"the worker of job {files.job_id} stopped after the request was sent; "
+                                          "the answer is lost", kind="worker_lost",
+                                          hint=f"it may have been billed: check your usage; the log is {files.log}")
+    else:
+        err = ServiceError(f"the worker of job {files.job_id} stopped before the request was sent; nothing was "
+                           "billed", kind="worker_lost", hint="run the same command again")
+    record.update(state="failed", error=error_document(err), exit_code=err.exit_code)
+    write_record(files, record)
+    return record
+
+
+def recover_from_spool(files: JobFiles, record: dict[str, Any], console: Console) -> dict[str, Any]:
+    """An answer that was received but not saved (the worker died, or the disk failed) is saved now,
+    from the spool, with no new request."""
+    console.progress(f"job {files.job_id}: saving the answer received earlier; nothing new is sent")
+    worker = JobWorker(files, record, "")
+    received = Received(**{**record["response"], "preview_paths": tuple(Path(p) for p in
+                                                                        record["response"]["preview_paths"])})
+    finish_single(worker, job_from_plain(record["spec"]), files.spool(), received)
+    return worker.record
+
+
+def needs_recovery(files: JobFiles, record: Mapping[str, Any]) -> bool:
+    return bool(record.get("received") and record.get("kind") == "single" and not record.get("result")
+                and files.spool().exists())
+
+
+def is_attachable(files: JobFiles, record: Mapping[str, Any]) -> bool:
+    """Running, or ended with a result that no command has reported yet; a job whose worker died
+    before sending holds nothing worth attaching to."""
+    if files.reported.exists():
+        return False
+    if record["state"] in FINISHED_STATES or worker_alive(files, record):
+        return True
+    return bool(record.get("sent"))
+
+
+def mark_reported(files: JobFiles) -> None:
+    with contextlib.suppress(OSError):
+        files.reported.touch()
+
+
+@dataclasses.dataclass(frozen=True)
+class JobStart:
+    """A job found or started for this command."""
+
+    files: JobFiles
+    attached: bool
+    detached: bool
+    record: dict[str, Any]
+
+
+def find_or_start_job(folder: Path, record: dict[str, Any], *, key: str, env: Mapping[str, str],
+                      console: Console) -> JobStart:
+    """Attach to the job with this fingerprint that is running or unreported; else start one. A
+    batch whose manifest another running job writes is refused."""
+    with state_lock(folder):
+        prune_records(folder)
+        for existing in reversed(list_records(folder)):
+            files = JobFiles(folder, existing["id"])
+            if existing.get("fingerprint") == record["fingerprint"] and is_attachable(files, existing):
+                return JobStart(files, True, bool(existing.get("detached")), existing)
+            if record.get("manifest") and existing.get("manifest") == record["manifest"] \
+                    and worker_alive(files, existing):
+                raise UsageError(f"job {existing['id']} is running this batch with other settings "
+                                 f"(manifest {record['manifest']})",
+                                 hint=f"wait for it ({PROG} --attach {existing['id']}) or stop it (--cancel)")
+        files = JobFiles(folder, record["id"])
+        write_record(files, record)
+        detached = start_worker(files, key, env, console)
+        if not detached:
+            record["detached"] = False
+            write_record(files, record)
+        return JobStart(files, False, detached, record)
+
+
+def new_record(kind: str, *, fingerprint: str, spec: Mapping[str, Any], config: ApiConfig, prompt: str,
+               targets: Sequence[str], manifest: str = "") -> dict[str, Any]:
+    """A job as the command hands it over: everything the worker needs, except the key."""
+    now = time.time()
+    return {"id": new_job_id(), "kind": kind, "tool": f"{TOOL_NAME} {VERSION}", "fingerprint": fingerprint,
+            "state": "starting", "created_at": now, "updated_at": now, "pid": None, "detached": True,
+            "sent": False, "received": False, "cwd": os.getcwd(), "prompt": prompt[:PROMPT_EXCERPT_CHARS],
+            "targets": list(targets), "manifest": manifest, "spec": spec, "config": config_to_plain(config),
+            "response": None, "result": None, "error": None, "exit_code": None, "note": None,
+            "peak_rss_kib": None}
+
+
+def attached_line(record: Mapping[str, Any]) -> str:
+    age = time.time() - record.get("created_at", time.time())
+    return f"attached to job {record['id']} (started {age:.0f} s ago); nothing new was sent"
+
+
+def begin_job(start: JobStart, console: Console, *, detach: bool) -> Optional[int]:
+    """Say which job this is; with --detach that is all (exit 0)."""
+    job_id = start.files.job_id
+    if start.attached:
+        console.progress(attached_line(start.record))
+        console.event("attached", job=job_id, state=start.record["state"])
+    else:
+        console.event("job_started", job=job_id, detached=start.detached)
+    if not detach:
+        return None
+    if not start.detached:
+        console.warn("--detach needs a worker process; the job runs in the foreground instead")
+        return None
+    console.result(f"job {job_id}")
+    console.event("detached", job=job_id)
+    if console.json_mode:
+        console.document({"ok": True, "job": job_id, "state": start.record["state"]})
+    return EXIT_OK
+
+
+def interrupt_job(start: JobStart, signal_name: str, console: Console) -> ToolError:
+    """Ctrl-C, SIGTERM or SIGHUP while waiting: before the request is completely sent the job is
+    cancelled (nothing billed); after, the command stops waiting and the job goes on."""
+    code = SIGNAL_EXITS[signal_name]
+    record = read_record(start.files.record) or start.record
+    if not start.detached:
+        return InterruptedRun("interrupted; no partial file was left (a request already sent may be billed)")
+    if not record.get("sent") and record["state"] not in FINISHED_STATES:
+        cancel_worker(start.files, record)
+        err = InterruptedRun(f"interrupted before the request was completely sent: job {start.files.job_id} "
+                             "was cancelled and nothing was billed", hint="run the same command again to send it")
+        err.exit_code = code
+        return err
+    return still_running(start.files.job_id, f"interrupted ({signal_name})", exit_code=code)
+
+
+def cancel_worker(files: JobFiles, record: dict[str, Any]) -> str:
+    """Stop the job's worker and return the job's state after it. A job whose worker has not taken
+    its lock yet is marked cancelled under that lock, so the worker finds it so and never sends."""
+    import signal
+
+    with held_lock(files.lock) as free:
+        if free:
+            latest = read_record(files.record) or record
+            if latest["state"] not in FINISHED_STATES:
+                latest.update(state="cancelled", exit_code=EXIT_INTERRUPTED)
+                write_record(files, latest)
+            return str(latest["state"])
+    latest = wait_for_pid(files) or record
+    if not latest.get("detached") or not latest.get("pid"):
+        return "running"                # a thread of another command: it ends with that command
+    with contextlib.suppress(OSError):
+        os.kill(int(latest["pid"]), signal.SIGTERM)
+    with held_lock(files.lock, wait_s=CANCEL_WAIT_S) as gone:
+        latest = read_record(files.record) or latest
+        if not gone:
+            return "stopping"
+        if latest["state"] not in FINISHED_STATES:
+            latest.update(state="cancelled", exit_code=EXIT_INTERRUPTED)
+            write_record(files, latest)
+    return str(latest["state"])
+
+
+def wait_for_pid(files: JobFiles) -> Optional[dict[str, Any]]:
+    """A worker records its pid just after taking its lock; give it a moment."""
+    deadline = time.monotonic() + 2
+    record = read_record(files.record)
+    while (record is None or not record.get("pid")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        record = read_record(files.record)
+    return record
+
+
+def rebase(path: Path, cwd: str) -> Path:
+    """A path the worker recorded relative to its folder, as seen from this command's folder."""
+    return path if path.is_absolute() or os.path.abspath(cwd) == os.getcwd() else Path(cwd) / path
+
+
+def follow_single(start: JobStart, console: Console, *, max_wait: Optional[float]) -> int:
+    watch = JobWatch(start.files, console, detached=start.detached)
+    began = time.monotonic() - max(0.0, time.time() - start.record.get("created_at", time.time()))
     try:
-        with ProgressTicker(console, started):
-            response = send_with_retries(request, config, notify=console.progress, gate=gate,
-                                         on_preview=previews.save if previews else None)
-        if not 200 <= response.status < 300:
-            raise error_for_status(response, config)
-    except ToolError as err:
-        if previews and previews.paths:
-            err.message += f"; the last preview is kept at {previews.paths[-1]}"
-        raise
-    return Fetched(response, time.monotonic() - started, previews)
+        with ProgressTicker(console, began):
+            record = watch.wait(max_wait=max_wait)
+    except (KeyboardInterrupt, Signalled) as stop:
+        raise interrupt_job(start, signal_name(stop), console) from None
+    return report_single(start.files, record, console)
 
 
-def image_bytes(source: Union[memoryview, str], config: ApiConfig) -> tuple[bytes, ImageInfo]:
-    if isinstance(source, str):
-        return download_image(source, timeout_s=config.timeout_s)
-    return decode_base64_image(source)
+def signal_name(stop: BaseException) -> str:
+    return stop.name if isinstance(stop, Signalled) else "SIGINT"
 
 
-def save_all(job: ImageJob, payload: ImagesPayload,
-             config: ApiConfig) -> tuple[list[SavedImage], list[str], Optional[ToolError]]:
-    """Save every image that decodes; a bad one does not cost the good ones."""
-    targets = output_paths(job.output, max(job.n, len(payload.sources)))
-    saved, warnings, problem = [], [], None
-    for source, target in zip(payload.sources, targets):
-        try:
-            data, info = image_bytes(source, config)
-        except ToolError as err:
-            problem = err
-            continue
-        intended = path_for_format(target, info.format)
-        if info.format != job.output.format:
-            warnings.append(f"expected {job.output.format} but the image is {info.format}: saved as {intended.name}")
-        saved.append(save_image(data, info, intended, overwrite=job.output.overwrite))
-        if saved[-1].path != intended and not saved[-1].fallback_reason:
-            warnings.append(f"{intended.name} exists: saved as {saved[-1].path.name} (--overwrite replaces it)")
-    if problem is None and len(saved) < job.n:
-        problem = ServiceError(f"asked for {job.n} images but the answer held {len(saved)}", hint="retry later")
-    return saved, warnings, problem
+def report_single(files: JobFiles, record: dict[str, Any], console: Console) -> int:
+    """The job's outcome as this command's own: the same stdout, --json document and exit code."""
+    record = settle_dead_worker(files, record)
+    if needs_recovery(files, record):
+        record = recover_from_spool(files, record, console)
+    job = job_from_plain(record["spec"])
+    mark_reported(files)
+    if record.get("result"):
+        result = result_from_plain(job, record["result"])
+        files_seen = tuple(dataclasses.replace(s, path=rebase(s.path, record["cwd"])) for s in result.files)
+        return report_result(dataclasses.replace(result, files=files_seen), console)
+    err = error_from_document(record.get("error") or {"message": f"job {files.job_id} ended without a result"})
+    if record.get("note") == "received, not saved":
+        err.message += f"; the answer is kept in {files.spool()}"
+        err.hint = f"make the folder writable, then run the same command again (or --attach {files.job_id})"
+    raise err
 
 
-def size_warnings(job: ImageJob, saved: Sequence[SavedImage]) -> list[str]:
-    if not job.size_explicit:
-        return []
-    requested = job.fields["size"]
-    return [f"asked for {requested} but {s.path.name} is {s.info.width}x{s.info.height}"
-            for s in saved if f"{s.info.width}x{s.info.height}" != requested]
+class BatchMonitor:
+    """The command's view of a batch job, built from its item events: a line per item, the live
+    status line on a terminal, and the summary. Main thread only."""
+
+    def __init__(self, plan: BatchPlan, console: Console) -> None:
+        self.plan, self.console = plan, console
+        self.records: dict[int, dict[str, Any]] = {}    # item number -> its record, as items end
+        self.running: set[int] = set()
+        self.started = time.monotonic()
+        self.last_live = 0.0
+
+    def on_event(self, event: Mapping[str, Any]) -> bool:
+        """Takes the item events; the per-item retries and previews stay off the console."""
+        if event["event"] == "item_started":
+            self.running.add(int(event["item"]))
+        elif event["event"] == "item_done":
+            record = event["record"]
+            self.running.discard(record["item"])
+            self.records[record["item"]] = record
+            if not self.console.events_mode:
+                self.report_item(record)
+        return "item" in event or event["event"] == "item_done"
+
+    def report_item(self, record: Mapping[str, Any]) -> None:
+        position = f"[{len(self.records)}/{len(self.plan.items)}] item {record['item']}"
+        if record["status"] == "skipped":
+            self.console.progress(f"{position} skipped, already done: {', '.join(record['paths'])}")
+            return
+        for path in record["paths"]:
+            self.console.result(path)
+        for warning in record.get("warnings") or ():
+            self.console.warn(f"item {record['item']}: {warning}")
+        if record["error"]:
+            error = record["error"]
+            self.console.progress(f"{position} failed (exit {error['exit_code']}, {error['kind']}): "
+                                  f"{error['message']}")
+        else:
+            self.console.progress(f"{position} ok in {record['elapsed_s']:.0f} s: {', '.join(record['paths'])}")
+
+    def show_status(self) -> None:
+        live = sys.stderr.isatty() and not self.console.quiet
+        if live and time.monotonic() - self.last_live >= PROGRESS_TTY_INTERVAL_S:
+            self.last_live = time.monotonic()
+            self.console.live(self.status_line())
+
+    def status_line(self) -> str:
+        ended = [r for r in self.records.values() if r["status"] != "skipped"]
+        failed = sum(r["status"] == "failed" for r in ended)
+        left = len(self.plan.items) - len(self.records)
+        average = sum(r["elapsed_s"] for r in ended) / len(ended) if ended else sum(TYPICAL_SECONDS) / 2
+        rounds = math.ceil(left / max(1, self.plan.jobs))
+        elapsed = time.monotonic() - self.started
+        return (f"batch: {len(ended) - failed} done, {failed} failed, {len(self.running)} running, "
+                f"{len(self.plan.items)} total; {clock(elapsed)} elapsed, ~{clock(rounds * average)} left")
 
 
-def run_job(job: ImageJob, config: ApiConfig, console: Console) -> RunResult:
-    """One request, every image in its answer saved."""
-    return save_answer(job, fetch_images(job, config, console), config)
+def follow_batch(start: JobStart, console: Console, *, max_wait: Optional[float]) -> int:
+    monitor = BatchMonitor(plan_from_plain(start.record["spec"]), console)
+    watch = JobWatch(start.files, console, detached=start.detached, on_event=monitor.on_event)
+    try:
+        record = watch.wait(max_wait=max_wait, on_poll=monitor.show_status)
+    except (KeyboardInterrupt, Signalled) as stop:
+        console.end_live()
+        raise interrupt_job(start, signal_name(stop), console) from None
+    finally:
+        console.end_live()
+    record = settle_dead_worker(start.files, record)
+    mark_reported(start.files)
+    return report_batch(monitor, record, console)
 
 
-def save_answer(job: ImageJob, fetched: Fetched, config: ApiConfig) -> RunResult:
-    """Decode and write what a 2xx answer holds; a single run and a batch item alike."""
-    response, elapsed, previews = fetched.response, fetched.elapsed_s, fetched.previews
-    payload = response.payload or parse_images_response(response.body)
-    saved, warnings, problem = save_all(job, payload, config)
-    request_id = request_id_of(response.headers)
-    for image in saved if job.output.metadata else ():
-        try:
-            write_metadata(image, build_metadata(job, image, payload.meta, request_id=request_id, elapsed_s=elapsed))
-        except OSError as err:
-            warnings.append(f"the metadata of {image.path.name} could not be written: {err.strerror or err}")
-    fallbacks = [s for s in saved if s.fallback_reason]
-    if fallbacks and problem is None:
-        problem = FallbackSaveError(f"{fallbacks[0].fallback_reason}; saved to the fallback {fallbacks[0].path}",
-                                    hint="use the printed path, or move the file where you want it")
-    return RunResult(job, tuple(saved), payload.meta, request_id, elapsed,
-                     tuple(warnings + size_warnings(job, saved)), problem,
-                     previews=previews.count if previews else None,
-                     partials=previews.settle(final_saved=bool(saved)) if previews else ())
+def batch_outcome(monitor: BatchMonitor, record: Mapping[str, Any],
+                  failed: Sequence[Mapping[str, Any]]) -> Optional[ToolError]:
+    result = record.get("result") or {}
+    if result.get("crashed"):
+        return ToolError("a batch item failed with a bug (exit 1, traceback in the job's log); "
+                         "run the same command to finish the rest")
+    if result.get("stop_error"):
+        return error_from_document(result["stop_error"])
+    if record["state"] != "done" and record.get("error"):
+        return error_from_document(record["error"])
+    if failed:
+        return BatchPartialError(f"{len(failed)} of {len(monitor.plan.items)} items failed",
+                                 hint="run the same command again: only what is missing is generated")
+    return None
+
+
+def report_batch(monitor: BatchMonitor, record: Mapping[str, Any], console: Console) -> int:
+    plan = monitor.plan
+    records = [monitor.records[item.number] for item in plan.items if item.number in monitor.records]
+    counts = {status: sum(r["status"] == status for r in records) for status in ("ok", "failed", "skipped")}
+    counts = {"total": len(plan.items), **counts, "not_run": len(plan.items) - len(records)}
+    failed = [r for r in records if r["status"] == "failed"]
+    for item in failed:
+        console.progress(f"item {item['item']} failed (exit {item['error']['exit_code']}): {item['error']['message']}")
+    elapsed = time.monotonic() - monitor.started
+    usage = total_usage(records)
+    console.progress(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped, "
+                     f"{counts['not_run']} not run, of {counts['total']} in {clock(elapsed)}"
+                     + (f"; {usage_text(usage)}" if usage else "") + f"; manifest {plan.manifest}")
+    outcome = batch_outcome(monitor, record, failed)
+    if console.json_mode:
+        not_run = [{"item": i.number, "prompt": i.job.prompt, "status": "not_run"}
+                   for i in plan.items if i.number not in monitor.records]
+        console.document({"ok": outcome is None, "batch": str(plan.source), "description": plan.description,
+                          "manifest": str(plan.manifest), "job": record["id"], "counts": counts,
+                          "items": sorted(records + not_run, key=lambda r: r["item"]), "usage": usage,
+                          "elapsed_s": round(elapsed, 3),
+                          **({"error": error_document(outcome)} if outcome else {})})
+    if outcome:
+        console.error(outcome)
+        return outcome.exit_code
+    return EXIT_OK
+
+
+def follow_job(start: JobStart, console: Console, *, max_wait: Optional[float]) -> int:
+    follow = follow_single if start.record["kind"] == "single" else follow_batch
+    return follow(start, console, max_wait=max_wait)
+
+
+def find_job(folder: Path, wanted: str) -> tuple[JobFiles, dict[str, Any]]:
+    """A job by its id, or the newest with 'last'."""
+    records = list_records(folder)
+    found = records[-1:] if wanted == "last" else [r for r in records if r["id"] == wanted]
+    if not found:
+        listed = f"; the newest is {records[-1]['id']}" if records else ""
+        raise UsageError(f"no job {wanted!r} in {folder}{listed}", hint=f"see {PROG} --list-jobs")
+    return JobFiles(folder, found[0]["id"]), found[0]
+
+
+def job_state(files: JobFiles, record: Mapping[str, Any]) -> str:
+    state = str(record.get("state"))
+    if state not in FINISHED_STATES and not worker_alive(files, record):
+        return f"{state} (worker gone)"
+    return state + (f", {record['note']}" if record.get("note") else "")
+
+
+def job_summary(files: JobFiles, record: Mapping[str, Any]) -> dict[str, Any]:
+    result = record.get("result") or {}
+    outputs = [f["path"] for f in result.get("files") or ()] or list(record.get("targets") or ())
+    return {"id": record["id"], "kind": record.get("kind"), "state": job_state(files, record),
+            "age_s": round(time.time() - record.get("created_at", time.time()), 1), "prompt": record.get("prompt"),
+            "outputs": outputs, "sent": bool(record.get("sent")), "reported": files.reported.exists(),
+            "exit_code": record.get("exit_code"), "peak_rss_kib": record.get("peak_rss_kib")}
+
+
+def run_list_jobs(console: Console, env: Mapping[str, str]) -> int:
+    folder = open_state_folder(env)
+    summaries = [job_summary(JobFiles(folder, r["id"]), r) for r in list_records(folder)]
+    if console.json_mode:
+        console.document({"ok": True, "state_dir": str(folder), "jobs": summaries})
+        return EXIT_OK
+    for job in summaries:
+        console.result(f"{job['id']}  {job['state']}  {clock(job['age_s'])} ago  {job['prompt']!r}  "
+                       f"{', '.join(job['outputs'])}")
+    if not summaries:
+        console.progress(f"no jobs in {folder}")
+    return EXIT_OK
+
+
+def run_cancel(job_id: str, console: Console, env: Mapping[str, str]) -> int:
+    files, record = find_job(open_state_folder(env), job_id)
+    if record["state"] in FINISHED_STATES:
+        console.progress(f"job {files.job_id} has already ended ({record['state']})")
+        state = str(record["state"])
+    else:
+        state = cancel_worker(files, record)
+        billed = "; the request was already sent and may still be billed" if record.get("sent") else ""
+        more = "; no new item starts, the ones in flight finish" if record.get("kind") == "batch" else ""
+        console.progress(f"job {files.job_id}: {state}{billed}{more}")
+    console.result(f"job {files.job_id} {state}")
+    if console.json_mode:
+        console.document({"ok": True, "job": files.job_id, "state": state})
+    return EXIT_OK
+
+
+def run_attach(job_id: str, console: Console, env: Mapping[str, str], *, max_wait: Optional[float]) -> int:
+    files, record = find_job(open_state_folder(env), job_id)
+    console.progress(attached_line(record))
+    console.event("attached", job=files.job_id, state=record["state"])
+    return follow_job(JobStart(files, True, bool(record.get("detached")), record), console, max_wait=max_wait)
 
 
 def usage_text(usage: Any) -> str:
@@ -2081,26 +3543,24 @@ def batch_estimate(count: int, jobs: int) -> str:
             f"{TYPICAL_SECONDS[0]}-{TYPICAL_SECONDS[1]} s at -j {jobs}; longer at high quality or 4K)")
 
 
-def item_record(item: BatchItem, status: str, *, result: Optional[RunResult] = None,
-                error: Optional[ToolError] = None, elapsed_s: float = 0.0) -> dict[str, Any]:
-    """One manifest line, and one entry of the --json summary."""
-    files = result.files if result else ()
-    paths = [str(s.path) for s in files] if result else [str(p) for p in item.done_paths]
-    return {"item": item.number, "prompt": item.job.prompt, "status": status,
-            "target": str(item.job.output.path), "paths": paths,
-            "sizes": [f"{s.info.width}x{s.info.height}" for s in files],
-            "usage": result.meta.get("usage") if result else None,
-            "request_id": (result.request_id or None) if result else None,
-            "elapsed_s": round(elapsed_s, 3), "error": error_document(error) if error else None,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
 def append_manifest(path: Path, record: Mapping[str, Any]) -> None:
-    """Appended and synced as each item ends, never rewritten: a crash loses nothing recorded."""
-    with open(path, "a", encoding="utf-8", newline="\n") as handle:
-        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    """Appended and synced as each item ends, never rewritten: a crash loses nothing recorded. Paths
+    are relative to the manifest's folder; a torn last line gets its line end first."""
+    line = dict(record, target=manifest_path(record["target"], path.parent),
+                paths=[manifest_path(p, path.parent) for p in record["paths"]])
+    with open(path, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        torn = handle.tell() > 0 and (handle.seek(-1, os.SEEK_END) or handle.read(1) != b"\n")
+        handle.write((b"\n" if torn else b"") + json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def manifest_path(path: str, folder: Path) -> str:
+    try:
+        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+    except ValueError:              # another drive on Windows
+        return path
 
 
 def total_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -2111,198 +3571,6 @@ def total_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
             if isinstance(usage.get(key), int):
                 totals[key] = totals.get(key, 0) + usage[key]
     return totals
-
-
-class BatchRun:
-    """A batch in progress: workers take items in order and share one Gate; all state is under one lock."""
-
-    def __init__(self, plan: BatchPlan, config: ApiConfig, console: Console) -> None:
-        self.plan, self.config, self.console = plan, config, console
-        self.gate = Gate(plan.jobs)
-        self.lock = threading.Lock()
-        self.pending = list(reversed(plan.to_run))
-        self.records: dict[int, dict[str, Any]] = {}
-        self.running: set[int] = set()
-        self.saving = 0
-        self.stop_error: Optional[ToolError] = None
-        self.crashed = False
-        self.workers_left = 0
-        self.all_done = threading.Event()
-        self.started = time.monotonic()
-        self.item_console = Console(json_mode=True, quiet=True)  # items report through the batch, not alone
-
-    def start(self) -> None:
-        for item in self.plan.items:
-            if item.skipped:
-                self.finish(item, item_record(item, "skipped"))
-        workers = min(self.plan.jobs, len(self.pending))
-        self.workers_left = workers
-        if not workers:
-            self.all_done.set()
-        for _ in range(workers):
-            threading.Thread(target=self.work, daemon=True).start()
-
-    def take(self) -> Optional[BatchItem]:
-        with self.lock:
-            if self.stop_error or not self.pending:
-                return None
-            item = self.pending.pop()
-            self.running.add(item.number)
-            return item
-
-    def stop(self, error: ToolError) -> None:
-        """No new item starts; those in flight finish (they are being paid for)."""
-        with self.lock:
-            self.stop_error = self.stop_error or error
-
-    def work(self) -> None:
-        try:
-            item = self.take()
-            while item is not None:
-                self.run_item(item)
-                item = self.take()
-        finally:
-            with self.lock:
-                self.workers_left -= 1
-                if not self.workers_left:
-                    self.all_done.set()
-
-    def run_item(self, item: BatchItem) -> None:
-        started, done = time.monotonic(), False
-        try:
-            fetched = fetch_images(item.job, self.config, self.item_console, gate=self.gate)
-        except ToolError as err:
-            if isinstance(err, AuthError):
-                self.stop(err)
-            self.finish(item, item_record(item, "failed", error=err, elapsed_s=time.monotonic() - started))
-            return
-        with self.lock:
-            self.saving += 1
-        try:
-            try:
-                result = save_answer(item.job, fetched, self.config)
-                record = item_record(item, "failed" if result.error else "ok", result=result,
-                                     error=result.error, elapsed_s=fetched.elapsed_s)
-            except ToolError as err:
-                record = item_record(item, "failed", error=err, elapsed_s=fetched.elapsed_s)
-            self.finish(item, record)
-            done = True
-        finally:
-            with self.lock:
-                self.saving -= 1
-                self.crashed = self.crashed or not done
-
-    def finish(self, item: BatchItem, record: dict[str, Any]) -> None:
-        with self.lock:
-            self.running.discard(item.number)
-            self.records[item.number] = record
-            try:
-                append_manifest(self.plan.manifest, record)
-            except OSError as err:
-                self.console.warn(f"the manifest {self.plan.manifest} could not be written: {err.strerror or err}")
-            self.report_item(record)
-
-    def report_item(self, record: Mapping[str, Any]) -> None:
-        position = f"[{len(self.records)}/{len(self.plan.items)}] item {record['item']}"
-        if record["status"] == "skipped":
-            self.console.progress(f"{position} skipped, already done: {', '.join(record['paths'])}")
-            return
-        for path in record["paths"]:
-            self.console.result(path)
-        if record["error"]:
-            error = record["error"]
-            self.console.progress(f"{position} failed (exit {error['exit_code']}, {error['kind']}): "
-                                  f"{error['message']}")
-        else:
-            self.console.progress(f"{position} ok in {record['elapsed_s']:.0f} s: {', '.join(record['paths'])}")
-
-    def status_line(self) -> str:
-        with self.lock:
-            ended = [r for r in self.records.values() if r["status"] != "skipped"]
-            failed = sum(r["status"] == "failed" for r in ended)
-            left = len(self.pending) + len(self.running)
-            average = sum(r["elapsed_s"] for r in ended) / len(ended) if ended else sum(TYPICAL_SECONDS) / 2
-            rounds = math.ceil(left / max(1, self.gate.limit))
-            elapsed = time.monotonic() - self.started
-            return (f"batch: {len(ended) - failed} done, {failed} failed, {len(self.running)} running, "
-                    f"{len(self.plan.items)} total; {clock(elapsed)} elapsed, ~{clock(rounds * average)} left")
-
-    def wait(self) -> None:
-        live = sys.stderr.isatty() and not self.console.quiet
-        while not self.all_done.wait(PROGRESS_TTY_INTERVAL_S if live else 0.1):
-            if live:
-                self.console.live(self.status_line())
-        self.console.end_live()
-
-    def abort(self) -> None:
-        """A second Ctrl-C: leave now, but not in the middle of writing a file or a manifest line."""
-        with self.lock:
-            self.stop_error = InterruptedRun("aborted; the requests in flight were abandoned and may be billed",
-                                             hint="run the same command again to finish what is missing")
-        deadline = time.monotonic() + 10
-        while self.saving and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
-def run_batch(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
-    runnable = len(plan.to_run)
-    console.progress(f"batch {plan.source}: {len(plan.items)} items, {len(plan.items) - runnable} already done, "
-                     f"{runnable} to generate at -j {plan.jobs}: {batch_estimate(runnable, plan.jobs)}"
-                     if runnable else f"batch {plan.source}: all {len(plan.items)} items are already done")
-    plan.manifest.parent.mkdir(parents=True, exist_ok=True)
-    run = BatchRun(plan, config, console)
-    run.start()
-    try:
-        run.wait()
-    except KeyboardInterrupt:
-        run.stop(InterruptedRun("interrupted; the items in flight were saved, run the same command to finish"))
-        console.progress(f"interrupted: waiting for {len(run.running)} request(s) in flight, they are being "
-                         "paid for (press Ctrl-C again to abort at once)")
-        try:
-            run.wait()
-        except KeyboardInterrupt:
-            run.abort()
-    return report_batch(run, console)
-
-
-def batch_outcome(run: BatchRun, failed: Sequence[Mapping[str, Any]]) -> Optional[ToolError]:
-    if run.crashed:
-        return ToolError("a batch worker crashed (traceback above); run the same command to finish")
-    if run.stop_error:
-        return run.stop_error
-    if failed:
-        return BatchPartialError(f"{len(failed)} of {len(run.plan.items)} items failed",
-                                 hint="run the same command again: only what is missing is generated")
-    return None
-
-
-def report_batch(run: BatchRun, console: Console) -> int:
-    plan = run.plan
-    records = [run.records[item.number] for item in plan.items if item.number in run.records]
-    counts = {status: sum(r["status"] == status for r in records) for status in ("ok", "failed", "skipped")}
-    counts = {"total": len(plan.items), **counts, "not_run": len(plan.items) - len(records)}
-    failed = [r for r in records if r["status"] == "failed"]
-    for record in failed:
-        console.progress(f"item {record['item']} failed (exit {record['error']['exit_code']}): "
-                         f"{record['error']['message']}")
-    elapsed = time.monotonic() - run.started
-    usage = total_usage(records)
-    console.progress(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped, "
-                     f"{counts['not_run']} not run, of {counts['total']} in {clock(elapsed)}"
-                     + (f"; {usage_text(usage)}" if usage else "") + f"; manifest {plan.manifest}")
-    outcome = batch_outcome(run, failed)
-    if console.json_mode:
-        not_run = [{"item": i.number, "prompt": i.job.prompt, "status": "not_run"}
-                   for i in plan.items if i.number not in run.records]
-        console.document({"ok": outcome is None, "batch": str(plan.source), "description": plan.description,
-                          "manifest": str(plan.manifest), "counts": counts,
-                          "items": sorted(records + not_run, key=lambda r: r["item"]), "usage": usage,
-                          "elapsed_s": round(elapsed, 3),
-                          **({"error": error_document(outcome)} if outcome else {})})
-    if outcome:
-        console.error(outcome)
-        return outcome.exit_code
-    return EXIT_OK
 
 
 def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
@@ -2330,7 +3598,22 @@ def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
     return EXIT_OK
 
 
+# Flags that act on jobs already started; they take no prompt, batch or request settings.
+JOB_ACTIONS = (("--attach", "attach"), ("--cancel", "cancel"), ("--list-jobs", "list_jobs"))
+
+
 def check_mode_flags(args: argparse.Namespace) -> None:
+    action = next((flag for flag, dest in JOB_ACTIONS if getattr(args, dest)), None)
+    if action:
+        clash = next((flag for flag, value in (("-p", args.prompt), ("--batch", args.batch), ("--detach", args.detach),
+                                               ("--dry-run", args.dry_run)) if value), None)
+        clash = clash or next((flag for flag, dest in JOB_ACTIONS if getattr(args, dest) and flag != action), None)
+        if clash:
+            raise UsageError(f"{action} cannot be combined with {clash}", hint=f"run {action} on its own")
+        return
+    if args.detach and (args.dry_run or args.max_wait is not None):
+        flag = "--dry-run" if args.dry_run else "--max-wait"
+        raise UsageError(f"--detach cannot be combined with {flag}", hint="--detach returns at once; drop one")
     if args.batch is None:
         if args.prompt is None:
             raise UsageError("no prompt: give -p TEXT, or --batch FILE for many images", hint=f"see {PROG} --help")
@@ -2363,23 +3646,61 @@ def run_batch_command(args: argparse.Namespace, console: Console, env: Mapping[s
     for item in plan.items:
         for warning in item.job.warnings:
             by_text.setdefault(warning, []).append(str(item.number))
-    config = connect(args, console, env, [f"item {', '.join(numbers)}: {text}" for text, numbers in by_text.items()])
+    config = connect(args, console, env, [*plan.warnings, *(f"item {', '.join(numbers)}: {text}"
+                                                            for text, numbers in by_text.items())])
+    console.event("validated", items=len(plan.items), to_send=len(plan.to_run))
     if args.dry_run:
         return run_batch_dry(plan, config, console)
-    return run_batch(plan, config, console)
+    return run_batch(plan, config, console, env, args)
+
+
+def run_batch(plan: BatchPlan, config: ApiConfig, console: Console, env: Mapping[str, str],
+              args: argparse.Namespace) -> int:
+    runnable = len(plan.to_run)
+    console.progress(f"batch {plan.source}: {len(plan.items)} items, {len(plan.items) - runnable} already done, "
+                     f"{runnable} to generate at -j {plan.jobs}: {batch_estimate(runnable, plan.jobs)}"
+                     if runnable else f"batch {plan.source}: all {len(plan.items)} items are already done")
+    plan.manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest = os.path.abspath(plan.manifest)
+    fingerprint = job_fingerprint(["batch", config.base_url, manifest, *(i.fingerprint for i in plan.items)],
+                                  config.api_key)
+    record = new_record("batch", fingerprint=fingerprint, spec=to_plain(plan), config=config,
+                        prompt=plan.description or str(plan.source), targets=[str(plan.manifest)], manifest=manifest)
+    start = find_or_start_job(open_state_folder(env), record, key=config.api_key, env=env, console=console)
+    done = begin_job(start, console, detach=args.detach)
+    return done if done is not None else follow_job(start, console, max_wait=args.max_wait)
+
+
+def run_single(job: ImageJob, config: ApiConfig, console: Console, env: Mapping[str, str],
+               args: argparse.Namespace) -> int:
+    fingerprint = job_fingerprint([request_fingerprint(job, config.base_url)], config.api_key)
+    record = new_record("single", fingerprint=fingerprint, spec=to_plain(job), config=config, prompt=job.prompt,
+                        targets=[str(p) for p in output_paths(job.output, job.n)])
+    start = find_or_start_job(open_state_folder(env), record, key=config.api_key, env=env, console=console)
+    if not start.attached:
+        console.progress(start_line(job))
+    done = begin_job(start, console, detach=args.detach)
+    return done if done is not None else follow_job(start, console, max_wait=args.max_wait)
 
 
 def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
     check_mode_flags(args)
+    if args.list_jobs:
+        return run_list_jobs(console, env)
+    if args.cancel:
+        return run_cancel(args.cancel, console, env)
+    if args.attach:
+        return run_attach(args.attach, console, env, max_wait=args.max_wait)
     if args.batch is not None:
         return run_batch_command(args, console, env)
     job = build_job(args, stdin=sys.stdin, create_folder=not args.dry_run)
     for note in job.notes:
         console.progress(note)
     config = connect(args, console, env, job.warnings)
+    console.event("validated", mode=job.mode, outputs=[str(p) for p in output_paths(job.output, job.n)])
     if args.dry_run:
         return run_dry(job, config, console)
-    return report_result(run_job(job, config, console), console)
+    return run_single(job, config, console, env, args)
 
 
 # --- CLI ---
@@ -2467,6 +3788,21 @@ def build_parser() -> CliParser:
                            "(default %(default)s)")
     conn.add_argument("--dry-run", action="store_true",
                       help="check everything and print the request (key redacted); needs no key, sends nothing")
+    jobs = parser.add_argument_group(
+        "jobs (each request runs in a worker that outlives this command; the same command again attaches to it)")
+    jobs.add_argument("--detach", action="store_true",
+                      help="check, start the job, print 'job ID' and exit 0 at once; collect it with --attach ID")
+    jobs.add_argument("--attach", metavar="JOB",
+                      help="wait for a job (an id, or last) and report it as if it had run in the foreground")
+    jobs.add_argument("--max-wait", type=positive_seconds, metavar="S",
+                      help="stop waiting after S seconds with exit 9 while the job goes on (keep it below your "
+                           "shell's time limit)")
+    jobs.add_argument("--list-jobs", action="store_true", help="list recent jobs: id, state, age, prompt, outputs")
+    jobs.add_argument("--cancel", metavar="JOB",
+                      help="stop a job's worker (a request already sent may still be billed)")
+    jobs.add_argument("--events", action="store_true",
+                      help="progress as JSON Lines on stderr (validated, job_started, sent, heartbeat, saved, ...)")
+    jobs.add_argument("--run-job", metavar="RECORD", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     return parser
 
@@ -2479,22 +3815,71 @@ def make_streams_safe() -> None:
             reconfigure(errors="replace")
 
 
+@contextlib.contextmanager
+def signals_raised() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Signalled in the main thread, as SIGINT raises KeyboardInterrupt, so
+    the command can say what happens to its job; the previous handlers come back afterwards."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
+
+    def raise_signalled(number: int, frame: Any) -> None:
+        raise Signalled(signal.Signals(number).name)
+
+    for name in names:
+        signal.signal(getattr(signal, name), raise_signalled)
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def run_worker_process(record: Path, env: Mapping[str, str]) -> int:
+    """The entry of a detached worker (--run-job): SIGTERM (--cancel) stops it; it has no terminal,
+    so SIGINT and SIGHUP are ignored in case one is still delivered."""
+    import signal
+
+    for name in ("SIGINT", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    with signals_raised():
+        return run_worker(JobFiles(record.parent, record.name[:-len(".json")]), env.get(ENV_API_KEY, ""))
+
+
+def failure_document(err: ToolError) -> dict[str, Any]:
+    document: dict[str, Any] = {"ok": False, "error": error_document(err)}
+    if isinstance(err, StillRunning):
+        document["job"] = err.job_id
+    return document
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     make_streams_safe()
     argv = list(sys.argv[1:] if argv is None else argv)
-    console = Console(json_mode="--json" in argv)
+    console = Console(json_mode="--json" in argv, events_mode="--events" in argv)
     try:
         args = build_parser().parse_args(argv)
+        if args.run_job:
+            return run_worker_process(Path(args.run_job), os.environ)
         console.quiet = args.quiet
-        return run_command(args, console, os.environ)
+        with signals_raised():
+            return run_command(args, console, os.environ)
     except ParserExit as done:
         return done.status
     except ToolError as err:
         failure: ToolError = err
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Signalled) as stop:
         failure = InterruptedRun("interrupted; no partial file was left (a request already sent may be billed)")
+        failure.exit_code = SIGNAL_EXITS[signal_name(stop)]
+    if isinstance(failure, StillRunning):
+        console.result(f"job {failure.job_id}")
     if console.json_mode:
-        console.document({"ok": False, "error": error_document(failure)})
+        console.document(failure_document(failure))
     console.error(failure)
     return failure.exit_code
 

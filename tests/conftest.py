@@ -15,7 +15,7 @@ from fake_api import FakeImagesAPI, make_image
 
 TEST_KEY = "sk-test-NOT-A-REAL-KEY-0123456789abcdef"
 PYTHONS_USED: dict[str, str] = {}  # version -> interpreter that ran the script in a subprocess test
-CLEARED_ENV = ("APIYI_API_KEY", "APIYI_BASE_URL", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+CLEARED_ENV = ("APIYI_API_KEY", "APIYI_BASE_URL", "APIYI_STATE_DIR", "APIYI_WORKER", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY",
                "ALL_PROXY", "all_proxy", "no_proxy", "NO_PROXY", "PYTHONIOENCODING")
 
 
@@ -28,15 +28,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No key, no proxy, nothing reachable but loopback; work and temp folders inside tmp_path.
+    """No key, no proxy, nothing reachable but loopback; work, temp and job-state folders inside
+    tmp_path. In-process calls of main() run their job in a thread (APIYI_WORKER=inprocess), so
+    what a test patches applies to the worker too; the tests of detached workers set it back.
     After the test, no temporary '.part' file may be left anywhere."""
     for name in CLEARED_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "*")
     monkeypatch.setenv("no_proxy", "*")
-    work, temp = tmp_path / "work", tmp_path / "tmp"
+    work, temp, state = tmp_path / "work", tmp_path / "tmp", tmp_path / "state"
     work.mkdir()
     temp.mkdir()
+    monkeypatch.setenv("APIYI_STATE_DIR", str(state))
+    monkeypatch.setenv("APIYI_WORKER", "inprocess")
     monkeypatch.chdir(work)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     yield work

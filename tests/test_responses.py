@@ -304,15 +304,6 @@ def test_quiet_starts_no_progress(online: CliRunner, api: FakeImagesAPI, monkeyp
     assert online("-p", "cat", "-f", "cat.png", "--quiet").err == ""
 
 
-def test_base64_values_are_cut_out_without_copying() -> None:
-    image = make_png(64, 64)
-    body = bytearray(json.dumps(images_answer([image, image])).encode())
-    skeleton, values = gi.split_base64_values(body)
-    assert [v.obj for v in values] == [body, body]
-    assert json.loads(skeleton)["data"] == [{"b64_json": ""}, {"b64_json": ""}]
-    assert gi.decode_base64_image(values[1])[0] == image
-
-
 def test_transparent_background_warns_that_it_is_in_preview(online: CliRunner, api: FakeImagesAPI) -> None:
     run = online("-p", "sticker", "-f", "s.png", "--background", "transparent")
     assert run.code == 0
