@@ -46,8 +46,9 @@ exit codes:
   7    image received but saved only to the fallback path printed
   8    batch finished, but some items failed: run it again to make only those
   9    still running (--max-wait): run the same command again, or --attach ID
-  129  hung up, 130 interrupted (Ctrl-C), 143 terminated: a request already
-       sent goes on as a job; run the same command again to collect it
+  129  hung up (SIGHUP)      after the request was sent, the job goes on:
+  130  interrupted (Ctrl-C)  run the same command again to collect it;
+  143  terminated (SIGTERM)  before, it was cancelled and nothing was billed
 """
 
 from __future__ import annotations
@@ -1073,11 +1074,17 @@ def done_items(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, 
 
 
 def shown_path(path: Path) -> Path:
-    """As the user would write it: relative to the current folder when below it."""
+    """As the user would write it: relative to the current folder when below it, else absolute."""
+    return Path(relative_below(str(path), Path.cwd()))
+
+
+def relative_below(path: str, folder: Path) -> str:
+    absolute, base = os.path.abspath(path), os.path.abspath(folder)
     try:
-        return Path(os.path.relpath(path))
+        inside = os.path.commonpath([absolute, base]) == base
     except ValueError:              # another drive on Windows
-        return path
+        inside = False
+    return os.path.relpath(absolute, base) if inside else absolute
 
 
 def plan_batch(args: argparse.Namespace) -> BatchPlan:
@@ -2640,6 +2647,9 @@ class JobWorker:
         self.stopping = threading.Event()   # a batch: no new item starts
 
     def update(self, **changes: Any) -> None:
+        """The last write, which ends the job, carries the worker's peak memory."""
+        if changes.get("state") in FINISHED_STATES:
+            changes["peak_rss_kib"] = peak_memory_kib()
         with self.lock:
             self.record.update(changes)
             write_record(self.files, self.record)
@@ -2739,7 +2749,6 @@ def run_worker(files: JobFiles, key: str) -> int:
         finally:
             for temporary in list(LIVE_TEMPORARIES):
                 remove_quietly(temporary)
-            worker.update(peak_rss_kib=peak_memory_kib())
     return EXIT_OK
 
 
@@ -3030,12 +3039,12 @@ class JobWatch:
         elif event["event"] in EVENT_LINES:
             self.console.progress(EVENT_LINES[event["event"]](event))
 
-    def pump(self) -> None:
-        for event in self.read_events():
-            self.show(event)
-        if time.monotonic() - self.last_heartbeat >= HEARTBEAT_S:
+    def pump(self, *, beat: bool = True) -> None:
+        if beat and time.monotonic() - self.last_heartbeat >= HEARTBEAT_S:
             self.last_heartbeat = time.monotonic()
             self.console.event("heartbeat", job=self.files.job_id)
+        for event in self.read_events():
+            self.show(event)
 
     def wait(self, *, max_wait: Optional[float], on_poll: Callable[[], None] = lambda: None) -> dict[str, Any]:
         """The job's record once it has ended; StillRunning when max_wait runs out first."""
@@ -3045,7 +3054,7 @@ class JobWatch:
             on_poll()
             record = read_record(self.files.record)
             if record and (record["state"] in FINISHED_STATES or not worker_alive(self.files, record)):
-                self.pump()
+                self.pump(beat=False)
                 return record
             if max_wait is not None and time.monotonic() - started >= max_wait:
                 raise still_running(self.files.job_id, f"still running after --max-wait {max_wait:g} s")
@@ -3087,13 +3096,17 @@ def recover_from_spool(files: JobFiles, record: dict[str, Any], console: Console
 
 
 def needs_recovery(files: JobFiles, record: Mapping[str, Any]) -> bool:
-    return bool(record.get("received") and record.get("kind") == "single" and not record.get("result")
-                and files.spool().exists())
+    """Received and not saved: the worker died while saving, or the disk failed it."""
+    unsaved = record["state"] not in FINISHED_STATES or record.get("note") == "received, not saved"
+    return bool(unsaved and record.get("received") and record.get("kind") == "single"
+                and not record.get("result") and files.spool().exists())
 
 
 def is_attachable(files: JobFiles, record: Mapping[str, Any]) -> bool:
     """Running, or ended with a result that no command has reported yet; a job whose worker died
     before sending holds nothing worth attaching to."""
+    if needs_recovery(files, record):
+        return True                     # an answer paid for and not saved yet: finish it first
     if files.reported.exists():
         return False
     if record["state"] in FINISHED_STATES or worker_alive(files, record):
@@ -3550,17 +3563,18 @@ def append_manifest(path: Path, record: Mapping[str, Any]) -> None:
                 paths=[manifest_path(p, path.parent) for p in record["paths"]])
     with open(path, "a+b") as handle:
         handle.seek(0, os.SEEK_END)
-        torn = handle.tell() > 0 and (handle.seek(-1, os.SEEK_END) or handle.read(1) != b"\n")
+        torn = False
+        if handle.tell():
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
         handle.write((b"\n" if torn else b"") + json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
         handle.flush()
         os.fsync(handle.fileno())
 
 
 def manifest_path(path: str, folder: Path) -> str:
-    try:
-        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
-    except ValueError:              # another drive on Windows
-        return path
+    relative = relative_below(path, folder)
+    return Path(relative).as_posix() if not os.path.isabs(relative) else relative
 
 
 def total_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:

@@ -173,6 +173,8 @@ class FakeImagesAPI:
         self.route: Optional[Callable[[Recorded], Optional[Reply]]] = None
         self.active = 0
         self.peak = 0
+        self.connections = 0        # requests whose headers arrived, complete or not
+        self.stall_upload = 0.0     # wait this long before reading a request's body
         self.lock = threading.Lock()
         self.server = Server(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
@@ -226,8 +228,13 @@ class FakeImagesAPI:
                 self.answer()
 
             def answer(self) -> None:
+                with api.lock:
+                    api.connections += 1
+                time.sleep(api.stall_upload)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if len(body) < length:      # the client went away while sending: nothing to answer
+                    return
                 request = Recorded(self.command, self.path, dict(self.headers.items()), body, api.arrived())
                 try:
                     self.reply_to(request)

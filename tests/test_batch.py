@@ -228,25 +228,75 @@ def test_a_429_pauses_every_worker_and_halves_concurrency(online: CliRunner, api
     assert len(pauses) >= 2 and all(25 < p <= 30 for p in pauses)
 
 
-def test_resume_skips_existing_outputs_without_a_request(online: CliRunner, api: FakeImagesAPI,
-                                                         isolated: Path) -> None:
+def test_resume_skips_what_the_manifest_proves_and_never_takes_a_foreign_file(online: CliRunner, api: FakeImagesAPI,
+                                                                             isolated: Path) -> None:
     batch = write_batch(isolated / "b.json", ["one", {"prompt": "two", "filename": "two.png", "n": 2}, "three"])
-    (isolated / "01-one.png").write_bytes(make_png(8, 8))
-    (isolated / "two-1.png").write_bytes(make_png(8, 8))
-    (isolated / "two-2.png").write_bytes(make_png(8, 8))
+    foreign = make_png(8, 8)
+    (isolated / "01-one.png").write_bytes(foreign)
+    first = online("--batch", batch, "-j", "1")
+    assert first.code == 0, first.err
+    assert [r.prompt() for r in api.requests] == ["one", "two", "three"]
+    assert first.out.splitlines() == ["01-one-2.png", "two-1.png", "two-2.png", "03-three.png"]
+    assert "warning: item 1: 01-one.png exists: saved as 01-one-2.png" in first.err
+    assert (isolated / "01-one.png").read_bytes() == foreign
     run = online("--batch", batch, "--json")
     assert run.code == 0, run.err
-    assert [r.prompt() for r in api.requests] == ["three"]
+    assert len(api.requests) == 3
     document = run.json()
-    assert document["counts"] == {"total": 3, "ok": 1, "failed": 0, "skipped": 2, "not_run": 0}
+    assert document["counts"] == {"total": 3, "ok": 0, "failed": 0, "skipped": 3, "not_run": 0}
     assert [(i["item"], i["status"], i["paths"]) for i in document["items"]] == [
-        (1, "skipped", ["01-one.png"]), (2, "skipped", ["two-1.png", "two-2.png"]), (3, "ok", ["03-three.png"])]
-    assert (isolated / "01-one.png").read_bytes() == make_png(8, 8)
+        (1, "skipped", ["01-one-2.png"]), (2, "skipped", ["two-1.png", "two-2.png"]), (3, "skipped", ["03-three.png"])]
+    (isolated / "two-2.png").write_bytes(foreign)
+    changed = online("--batch", batch, "-j", "1")
+    assert [r.prompt() for r in api.requests[3:]] == ["two"]
+    assert changed.out.splitlines() == ["two-1-2.png", "two-2-2.png"]
     again = online("--batch", batch, "--overwrite", "-j", "1")
     assert again.code == 0
-    assert [r.prompt() for r in api.requests[1:]] == ["one", "two", "three"]
+    assert [r.prompt() for r in api.requests[4:]] == ["one", "two", "three"]
     assert again.out.splitlines() == ["01-one.png", "two-1.png", "two-2.png", "03-three.png"]
-    assert (isolated / "01-one.png").read_bytes() != make_png(8, 8)
+    assert (isolated / "01-one.png").read_bytes() != foreign
+
+
+def test_a_changed_prompt_is_made_again_and_keeps_the_earlier_image(online: CliRunner, api: FakeImagesAPI,
+                                                                    isolated: Path) -> None:
+    write_batch(isolated / "b.json", [{"prompt": "a cat", "filename": "pet.png"}])
+    assert online("--batch", "b.json").out == "pet.png\n"
+    earlier = (isolated / "pet.png").read_bytes()
+    write_batch(isolated / "b.json", [{"prompt": "a dog", "filename": "pet.png"}])
+    run = online("--batch", "b.json")
+    assert (run.code, run.out) == (0, "pet-2.png\n")
+    assert [r.prompt() for r in api.requests] == ["a cat", "a dog"]
+    assert (isolated / "pet.png").read_bytes() == earlier
+
+
+def test_a_torn_last_manifest_line_is_ignored_and_the_next_record_starts_a_line(online: CliRunner,
+                                                                                 isolated: Path) -> None:
+    batch = write_batch(isolated / "b.json", ["cat", "dog"])
+    online("--batch", batch)
+    manifest = isolated / "b.results.jsonl"
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    dog = next(line for line in lines if '"dog"' in line)
+    manifest.write_text(next(line for line in lines if '"cat"' in line) + "\n" + dog[:40], encoding="utf-8")
+    run = online("--batch", batch)
+    assert run.code == 0
+    assert f"warning: line 2 of {Path('b.results.jsonl')} is incomplete (a crash while writing it?); ignored" in run.err
+    assert "item 1 skipped" in run.err and run.out == "02-dog-2.png\n"
+    records = manifest.read_text(encoding="utf-8").splitlines()
+    assert records[1] == dog[:40] and [json.loads(r)["status"] for r in records[2:]] == ["skipped", "ok"]
+
+
+def test_manifest_paths_are_relative_to_its_folder_wherever_the_command_ran(online: CliRunner, isolated: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    write_batch(isolated / "jobs" / "b.json", ["cat"])
+    (isolated / "elsewhere").mkdir()
+    monkeypatch.chdir(isolated / "elsewhere")
+    run = online("--batch", "../jobs/b.json")
+    assert run.out == str(Path("../jobs/01-cat.png")) + "\n"
+    [record] = manifest_lines(isolated / "jobs" / "b.results.jsonl")
+    assert (record["target"], record["paths"]) == ("01-cat.png", ["01-cat.png"])
+    monkeypatch.chdir(isolated / "jobs")
+    again = online("--batch", "b.json")
+    assert (again.code, again.out) == (0, "") and "skipped, already done: 01-cat.png" in again.err
 
 
 def test_resume_trusts_the_manifest_when_the_server_changed_the_format(online: CliRunner, api: FakeImagesAPI,
@@ -262,18 +312,23 @@ def test_resume_trusts_the_manifest_when_the_server_changed_the_format(online: C
 
 def test_an_image_saved_to_the_fallback_folder_is_not_paid_for_again(online: CliRunner, api: FakeImagesAPI,
                                                                       isolated: Path, tmp_path: Path) -> None:
-    saved = tmp_path / "tmp" / "apiyi-gpt-image-2" / "01-cat.png"
-    saved.parent.mkdir(parents=True)
-    saved.write_bytes(make_png(8, 8))
-    short = {"item": 2, "status": "failed", "target": "dogs.png", "paths": ["dogs-1.png"]}
-    (isolated / "dogs-1.png").write_bytes(make_png(8, 8))
-    fallback = {"item": 1, "status": "failed", "target": "01-cat.png", "paths": [str(saved)],
-                "error": {"kind": "saved_to_fallback", "exit_code": 7}}
-    (isolated / "b.results.jsonl").write_text(json.dumps(fallback) + "\n" + json.dumps(short) + "\n", encoding="utf-8")
-    batch = write_batch(isolated / "b.json", ["cat", {"prompt": "dogs", "filename": "dogs.png", "n": 2}])
+    def block_the_folder(request: Recorded) -> None:
+        (isolated / "out").write_bytes(b"a file where the folder should be")
+
+    api.route = lambda request: (Reply(body=images_answer([make_png(64, 64)]), before=block_the_folder)
+                                 if request.prompt() == "cat" else Reply(body=images_answer([make_png(64, 64)])))
+    batch = write_batch(isolated / "b.json", [{"prompt": "cat", "filename": "out/cat.png"},
+                                              {"prompt": "dogs", "filename": "dogs.png", "n": 2}])
+    first = online("--batch", batch, "--json", "-j", "1")
+    saved = tmp_path / "tmp" / "apiyi-gpt-image-2" / "cat.png"
+    assert first.code == gi.EXIT_BATCH_PARTIAL
+    assert [(i["status"], i["paths"]) for i in first.json()["items"]] == [("failed", [str(saved)]),
+                                                                          ("failed", ["dogs-1.png"])]
+    (isolated / "out").unlink()
+    api.route = None
     run = online("--batch", batch, "--json")
     assert run.code == 0, run.err
-    assert [r.prompt() for r in api.requests] == ["dogs"]
+    assert [r.prompt() for r in api.requests] == ["cat", "dogs", "dogs"]
     assert [(i["status"], i["paths"]) for i in run.json()["items"]] == [
         ("skipped", [str(saved)]), ("ok", ["dogs-1-2.png", "dogs-2.png"])]
 
@@ -344,11 +399,13 @@ def test_a_missing_key_sends_nothing(cli: CliRunner, isolated: Path) -> None:
 
 def test_dry_run_prints_each_request_output_and_estimate(online: CliRunner, api: FakeImagesAPI,
                                                          isolated: Path) -> None:
+    batch = write_batch(isolated / "b.json", {"global": {"quality": "low"}, "prompts": ["x", "b"]})
+    assert online("--batch", batch).code == 0       # item 2 is done, as the manifest proves
     batch = write_batch(isolated / "b.json", {"global": {"quality": "low"}, "prompts": ["a", "b", "c", "d", "e"]})
-    (isolated / "02-b.png").write_bytes(make_png(8, 8))
+    (isolated / "03-c.png").write_bytes(make_png(8, 8))     # not this batch's: item 3 is still sent
     run = online("--batch", batch, "-j", "2", "--dry-run")
     assert run.code == 0
-    assert api.requests == []
+    assert len(api.requests) == 2
     lines = run.out.splitlines()
     assert lines[0] == f"item 1: POST {api.url}/images/generations"
     assert "item 2: already done, skipped: 02-b.png" in lines
@@ -357,7 +414,7 @@ def test_dry_run_prints_each_request_output_and_estimate(online: CliRunner, api:
     assert lines[-2:] == ["manifest: b.results.jsonl",
                           "5 items: 4 to send, 1 already done; about 4:00-5:00 (2 rounds of 120-150 s at -j 2; "
                           "longer at high quality or 4K)"]
-    assert not (isolated / "b.results.jsonl").exists()
+    assert len(manifest_lines(isolated / "b.results.jsonl")) == 2
     document = online("--batch", batch, "--dry-run", "--json").json()
     assert (document["to_send"], document["jobs"], len(document["items"])) == (4, 4, 5)
     assert document["items"][0]["request"]["json"] == {"model": "gpt-image-2", "prompt": "a", "quality": "low"}

@@ -193,12 +193,12 @@ def test_redirect_is_not_followed_with_the_key(online: CliRunner, api: FakeImage
     assert len(api.requests) == 1
 
 
-def test_ctrl_c_exits_130_without_partial_files(online: CliRunner, isolated: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    def interrupted(*args: object, **kwargs: object) -> None:
-        raise KeyboardInterrupt
+def test_ctrl_c_in_process_exits_130_without_partial_files(online: CliRunner, api: FakeImagesAPI,
+                                                           isolated: Path) -> None:
+    """With the job in a thread of the command, Ctrl-C ends both; the detached case is in test_jobs."""
+    import _thread
 
-    monkeypatch.setattr(gi, "send_request", interrupted)
+    api.queue(Reply(drop=True, before=lambda request: _thread.interrupt_main()))
     run = online("-p", "cat", "-f", "cat.png", "--json")
     assert run.code == gi.EXIT_INTERRUPTED
     assert run.json()["error"]["kind"] == "interrupted"

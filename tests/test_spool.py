@@ -10,9 +10,7 @@ import io
 import json
 import os
 import random
-import struct
 import tracemalloc
-import zlib
 from pathlib import Path
 from typing import Optional
 

@@ -4,21 +4,17 @@ CPython 3.9-3.13 found on this machine (the missing ones are skipped, and the sk
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
-import generate_image as gi
 from conftest import PYTHONS_USED, TEST_KEY
-from fake_api import FakeImagesAPI, Reply, images_answer, make_png
+from fake_api import FakeImagesAPI
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_image.py"
 VERSIONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
@@ -101,55 +97,3 @@ def test_usage_error_exit_code_and_single_error_line(agent_env: dict[str, str]) 
     assert result.returncode == 2
     assert result.stdout == b""
     assert result.stderr.decode().startswith("generate_image.py: error: --size 999x1: ")
-
-
-def start_batch(agent_env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-I", "-S", str(SCRIPT), "--batch", "b.json", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env)
-
-
-def wait_for_requests(api: FakeImagesAPI, count: int) -> None:
-    deadline = time.monotonic() + 20
-    while len(api.requests) < count:
-        assert time.monotonic() < deadline, f"only {len(api.requests)} requests arrived"
-        time.sleep(0.02)
-
-
-@pytest.mark.skipif(os.name == "nt", reason="sends SIGINT, which Windows delivers differently")
-def test_ctrl_c_saves_the_requests_in_flight_and_a_rerun_finishes(api: FakeImagesAPI, agent_env: dict[str, str],
-                                                                  isolated: Path) -> None:
-    api.route = lambda request: Reply(body=images_answer([make_png(64, 64)]), delay=1.0)
-    (isolated / "b.json").write_text(json.dumps(["one", "two", "three", "four"]), encoding="utf-8")
-    batch = start_batch(agent_env, "-j", "2")
-    wait_for_requests(api, 2)
-    batch.send_signal(signal.SIGINT)
-    out, err = batch.communicate(timeout=30)
-    assert batch.returncode == gi.EXIT_INTERRUPTED, err.decode()
-    assert len(api.requests) == 2
-    assert sorted(out.decode().split()) == ["01-one.png", "02-two.png"]
-    assert b"waiting for 2 request(s) in flight" in err
-    manifest = [json.loads(line) for line in (isolated / "b.results.jsonl").read_text().splitlines()]
-    assert sorted((m["item"], m["status"]) for m in manifest) == [(1, "ok"), (2, "ok")]
-    rerun = run_script(sys.executable, "--batch", "b.json", "-j", "2", env=agent_env)
-    assert rerun.returncode == 0, rerun.stderr.decode()
-    assert sorted(rerun.stdout.decode().split()) == ["03-three.png", "04-four.png"]
-    assert sorted(r.prompt() for r in api.requests[2:]) == ["four", "three"]
-
-
-@pytest.mark.skipif(os.name == "nt", reason="sends SIGINT, which Windows delivers differently")
-def test_a_second_ctrl_c_aborts_at_once(api: FakeImagesAPI, agent_env: dict[str, str], isolated: Path) -> None:
-    api.route = lambda request: Reply(body=images_answer([make_png(64, 64)]), delay=30)
-    (isolated / "b.json").write_text(json.dumps(["one", "two", "three"]), encoding="utf-8")
-    started = time.monotonic()
-    batch = start_batch(agent_env, "-j", "2")
-    wait_for_requests(api, 2)
-    batch.send_signal(signal.SIGINT)
-    time.sleep(0.3)
-    batch.send_signal(signal.SIGINT)
-    out, err = batch.communicate(timeout=20)
-    assert (batch.returncode, out) == (gi.EXIT_INTERRUPTED, b""), err.decode()
-    assert time.monotonic() - started < 10
-    assert err.decode().splitlines()[-2].startswith("generate_image.py: error: aborted")
-    assert not list(isolated.glob("*.png"))
-    manifest = isolated / "b.results.jsonl"
-    assert not manifest.exists() or manifest.read_text() == ""

@@ -265,7 +265,8 @@ def test_help_documents_every_exit_code(cli: CliRunner) -> None:
     run = cli("--help")
     assert run.code == 0
     for code in (gi.EXIT_OK, gi.EXIT_BUG, gi.EXIT_USAGE, gi.EXIT_AUTH, gi.EXIT_REFUSED, gi.EXIT_UNAVAILABLE,
-                 gi.EXIT_MAYBE_BILLED, gi.EXIT_FALLBACK, gi.EXIT_INTERRUPTED):
+                 gi.EXIT_MAYBE_BILLED, gi.EXIT_FALLBACK, gi.EXIT_BATCH_PARTIAL, gi.EXIT_STILL_RUNNING,
+                 *gi.SIGNAL_EXITS.values()):
         assert f"\n  {code:<4} " in run.out
 
 
