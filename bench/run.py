@@ -7,8 +7,9 @@
 Everything runs against a fake Images API on 127.0.0.1 (tests/fake_api.py) that answers at once
 (or after a set latency), so what is measured is the client: start-up, decoding, writing, uploading.
 Each case is a separate process; wall time is measured around it and peak memory is the largest
-resident set of the process (or of its pipeline) reported by wait4. Standard library only; the SDK
-columns need `pip install openai` and are left out without it.
+resident set of the process (or of its pipeline) reported by wait4. The tool's request runs in a
+detached worker process, which wait4 does not see: its peak is the one the worker records in its job
+record. Standard library only; the SDK columns need `pip install openai` and are left out without it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from fake_api import FakeImagesAPI, Reply, make_png  # noqa: E402
+from fake_api import FakeImagesAPI, Reply, make_png, sse_images, stream_reply  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "generate_image.py"
 KEY = "sk-bench-NOT-A-REAL-KEY"
@@ -82,11 +83,36 @@ print(time.perf_counter() - started, usage.ru_maxrss, os.waitstatus_to_exitcode(
 """
 
 
-def measure(command: list[str], *, shell: bool = False, cwd: Optional[Path] = None) -> tuple[float, float]:
+# The waiting command reaps its worker when it exits, so wait4 reports the larger of the two; this
+# wrapper reports the command's own peak (Linux VmHWM) into a file instead.
+OWN_PEAK = """import atexit, os, runpy, sys
+def record():
+    with open("/proc/self/status") as status:
+        peak = next(line for line in status if line.startswith("VmHWM:")).split()[1]
+    with open(os.environ["BENCH_PEAK_FILE"], "w") as out:
+        out.write(peak)
+atexit.register(record)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def command_peak(bench: "Bench", args: list[str]) -> Optional[float]:
+    """The waiting command's own peak resident MB (None where /proc is missing)."""
+    if not Path("/proc/self/status").exists():
+        return None
+    peak_file = bench.work / "peak.txt"
+    subprocess.run([PY, "-c", OWN_PEAK, str(SCRIPT), *args], cwd=bench.work, capture_output=True,
+                   env=bench.env(BENCH_PEAK_FILE=str(peak_file)), check=True)
+    return int(peak_file.read_text()) * 1024 / 1e6
+
+
+def measure(command: list[str], *, shell: bool = False, cwd: Optional[Path] = None,
+            env: Optional[dict[str, str]] = None) -> tuple[float, float]:
     """Wall seconds and peak resident MB of one process (with its children, as wait4 reports them)."""
     argv = ["sh", "-c", " ".join(command)] if shell else command
     done = subprocess.run([PY, "-I", "-S", "-c", LAUNCHER, *argv], cwd=cwd, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=env)
     *output, last = done.stderr.strip().splitlines() or [""]
     wall, peak, code = last.split()
     if done.returncode or code != "0":
@@ -95,11 +121,20 @@ def measure(command: list[str], *, shell: bool = False, cwd: Optional[Path] = No
     return float(wall), int(peak) * scale / 1e6
 
 
+def mib(megabytes: float) -> float:
+    return megabytes * 1e6 / 2 ** 20
+
+
 class Row:
-    def __init__(self, name: str, runs: list[tuple[float, float]]) -> None:
+    def __init__(self, name: str, runs: list[tuple[float, float, Optional[float]]]) -> None:
         self.name = name
-        self.walls = [w for w, _ in runs]
-        self.mems = [m for _, m in runs]
+        self.walls = [w for w, _, _ in runs]
+        self.mems = [m for _, m, _ in runs]
+        self.workers = [k for _, _, k in runs if k is not None]
+
+    @property
+    def worker(self) -> float:
+        return statistics.median(self.workers) if self.workers else math.nan
 
     @property
     def wall(self) -> float:
@@ -110,11 +145,13 @@ class Row:
         return statistics.median(self.mems)
 
     def cells(self) -> str:
+        worker = (f"{self.worker:,.1f} ({min(self.workers):,.1f}-{max(self.workers):,.1f})" if self.workers
+                  else "-")
         return (f"| {self.name} | {self.wall * 1000:,.0f} ({min(self.walls) * 1000:,.0f}-{max(self.walls) * 1000:,.0f})"
-                f" | {self.mem:,.1f} ({min(self.mems):,.1f}-{max(self.mems):,.1f}) |")
+                f" | {self.mem:,.1f} ({min(self.mems):,.1f}-{max(self.mems):,.1f}) | {worker} |")
 
 
-def repeat(name: str, times: int, run: Callable[[], tuple[float, float]]) -> Row:
+def repeat(name: str, times: int, run: Callable[[], tuple[float, float, Optional[float]]]) -> Row:
     row = Row(name, [run() for _ in range(times)])
     print(f"  {row.cells()}", file=sys.stderr)
     return row
@@ -128,10 +165,19 @@ class Bench:
         self.rows: dict[str, Row] = {}
         self.targets: list[tuple[str, str, bool]] = []
 
-    def run(self, key: str, name: str, command: list[str], *, shell: bool = False) -> Row:
-        def once() -> tuple[float, float]:
+    @property
+    def state(self) -> Path:
+        return self.work / "state"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "APIYI_STATE_DIR": str(self.state), **extra}
+
+    def run(self, key: str, name: str, command: list[str], *, shell: bool = False, **env: str) -> Row:
+        def once() -> tuple[float, float, Optional[float]]:
             self.api.requests.clear()
-            return measure(command, shell=shell, cwd=self.work)
+            before = set(self.state.glob("*.json"))
+            wall, peak = measure(command, shell=shell, cwd=self.work, env=self.env(**env))
+            return wall, peak, newest_worker_peak(set(self.state.glob("*.json")) - before)
 
         self.rows[key] = repeat(name, self.times, once)
         return self.rows[key]
@@ -141,6 +187,18 @@ class Bench:
 
     def target(self, text: str, value: float, limit: float, unit: str = "x") -> None:
         self.targets.append((text, f"{value:.2f}{unit} (target at most {limit:g}{unit})", value <= limit))
+
+
+def newest_worker_peak(records: set[Path]) -> Optional[float]:
+    """The peak resident MB a detached worker recorded; waits for it, since the command may end first."""
+    deadline = time.monotonic() + 30
+    for path in records:
+        while time.monotonic() < deadline:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record.get("peak_rss_kib"):
+                return record["peak_rss_kib"] * 1024 / 1e6 if record.get("detached") else None
+            time.sleep(0.01)
+    return None
 
 
 def installed_openai() -> Optional[str]:
@@ -172,11 +230,44 @@ def end_to_end(bench: Bench, label: str, image: bytes) -> None:
     floor = bench.run(f"floor_{label}", f"curl \\| sed \\| base64 -d, {label}", floor_command, shell=True)
     assert (bench.work / "out.png").read_bytes() == image == (bench.work / "floor.png").read_bytes()
     bench.target(f"{label} wall / curl floor", tool.wall / floor.wall, 1.5)
+    own = command_peak(bench, bench.tool("-p", "noise", "-f", "out.png", "--overwrite")[2:])
+    if own is not None:
+        bench.target(f"{label}: the waiting command's own peak", mib(own), 25, " MiB")
     if bench.sdk:
         sdk = bench.run(f"sdk_{label}", f"openai SDK script, {label}",
                         [PY, "-c", SDK_GENERATE, KEY, bench.api.url, "sdk.png"])
         bench.target(f"{label} wall / SDK", tool.wall / sdk.wall, 0.5)
         bench.target(f"{label} peak memory / SDK", tool.mem / sdk.mem, 0.5)
+
+
+def jobs(bench: Bench, image: bytes, label: str, *, many: int, batch: int) -> None:
+    """The worker's own peak memory (one answer, a stream, n images, a batch answering together), what
+    the worker costs over running in-process, and how fast attach and --list-jobs answer."""
+    answer_always(bench, answer_for(image))
+    one = bench.rows[f"tool_{label}"]
+    bench.target(f"{label}: worker peak", mib(one.worker), 40, " MiB")
+    inproc = bench.run(f"inprocess_{label}", f"this tool in-process (APIYI_WORKER=inprocess), {label}",
+                       bench.tool("-p", "noise", "-f", "out.png", "--overwrite"), APIYI_WORKER="inprocess")
+    bench.target(f"{label}: foreground with a worker - in-process", (one.wall - inproc.wall) * 1000, 150, " ms")
+    attach = bench.run("attach", "`--attach last` of a finished job", [PY, str(SCRIPT), "--attach", "last"])
+    listed = bench.run("list_jobs", "`--list-jobs`", [PY, str(SCRIPT), "--list-jobs"])
+    bench.target("--attach answers in", attach.wall * 1000, 200, " ms")
+    bench.target("--list-jobs answers in", listed.wall * 1000, 200, " ms")
+    events = [*sse_images([make_png(64, 64)] * 2, None), *sse_images([], image)]
+    bench.api.route = lambda request: stream_reply(events)
+    stream = bench.run(f"stream_{label}", f"this tool, --stream, {label}",
+                       bench.tool("-p", "noise", "-f", "out.png", "--overwrite", "--stream"))
+    bench.target(f"{label} --stream: worker peak", mib(stream.worker), 45, " MiB")
+    body = json.dumps({"created": 1, "data": [{"b64_json": base64.b64encode(image).decode()}] * many}).encode()
+    answer_always(bench, Reply(body=body, headers={"Content-Type": "application/json"}))
+    n = bench.run(f"n_{label}", f"this tool, -n {many}, {label}",
+                  bench.tool("-p", "noise", "-f", "n.png", "--overwrite", "-n", str(many)))
+    bench.target(f"{label} -n {many}: worker peak", mib(n.worker), 45, " MiB")
+    answer_always(bench, answer_for(image))
+    (bench.work / "big.json").write_text(json.dumps([f"picture {i}" for i in range(batch)]))
+    whole = bench.run(f"batch_{label}", f"batch of {batch} x {label}, -j {batch}, answers together",
+                      bench.tool("--batch", "big.json", "-j", str(batch), "--overwrite"))
+    bench.target(f"batch of {batch} x {label}: worker peak", mib(whole.worker), 80, " MiB")
 
 
 def uploads(bench: Bench, sizes: list[int]) -> None:
@@ -236,8 +327,9 @@ def report(bench: Bench, command: str) -> str:
              "Every case runs as its own process against a fake Images API on 127.0.0.1 that answers at once "
              "(or after the stated latency). Medians of "
              f"{bench.times} runs, with min-max in brackets. Memory is the peak resident set of the process "
-             "(for the curl pipeline, its largest process).", "",
-             "| case | wall ms | peak MB |", "|---|---|---|"]
+             "(for the curl pipeline, its largest process); for this tool, the command that waits, and in "
+             "the last column the detached worker that sends, receives and saves (as its job record says).",
+             "", "| case | wall ms | peak MB | worker peak MB |", "|---|---|---|---|"]
     lines += [row.cells() for row in bench.rows.values()]
     lines += ["", "## Targets", "", "| measure | value | result |", "|---|---|---|"]
     lines += [f"| {text} | {value} | {'PASS' if ok else 'MISS'} |" for text, value, ok in bench.targets]
@@ -257,8 +349,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         startup(bench)
         print("end to end", file=sys.stderr)
         end_to_end(bench, "1024x1024", noise_png(1024, 1024))
-        if not args.quick:
+        if args.quick:
+            jobs(bench, noise_png(1024, 1024), "1024x1024", many=2, batch=4)
+        else:
             end_to_end(bench, "3840x2160", noise_png(3840, 2160))
+            jobs(bench, noise_png(3840, 2160), "3840x2160", many=10, batch=16)
         print("uploads", file=sys.stderr)
         uploads(bench, [1_000_000, 2_000_000] if args.quick else [1_000_000, 40_000_000])
         print("batches", file=sys.stderr)

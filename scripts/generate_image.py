@@ -159,7 +159,9 @@ POLL_INTERVALS_S = (0.01, 0.02, 0.05, 0.1)     # the wait loop starts fast: a lo
 HEARTBEAT_S = 10.0
 CANCEL_WAIT_S = 10.0
 PROMPT_EXCERPT_CHARS = 60
-SPOOL_PIECE = 1024 * 1024
+# A spooled answer is copied and decoded this much at a time: 16 items of a batch decoding at once
+# stay within a few MiB each.
+SPOOL_PIECE = 256 * 1024
 
 EXIT_OK = 0
 EXIT_BUG = 1
@@ -1301,7 +1303,7 @@ def copy_body(response: Any, out: IO[bytes], *, deadline: float) -> int:
     written = 0
     while True:
         check_deadline(deadline)
-        piece = read_piece(READ_CHUNK)
+        piece = read_piece(SPOOL_PIECE)
         if not piece:
             break
         out.write(piece)
@@ -1435,7 +1437,7 @@ def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, 
     completed, ended = 0, False
     while not ended:
         check_deadline(deadline)
-        piece = read_piece(READ_CHUNK)
+        piece = read_piece(SPOOL_PIECE)
         spool.seek(0, os.SEEK_END)
         offset = spool.tell()
         spool.write(piece)
@@ -2491,9 +2493,14 @@ def read_record(path: Path) -> Optional[dict[str, Any]]:
     return record if isinstance(record, dict) and record.get("id") else None
 
 
-def write_record(files: JobFiles, record: dict[str, Any]) -> None:
+def write_record(files: JobFiles, record: dict[str, Any], *, secret: str = "") -> None:
     record["updated_at"] = time.time()
-    write_file_atomic(files.record, json.dumps(record, ensure_ascii=False).encode("utf-8"))
+    write_file_atomic(files.record, redact(json.dumps(record, ensure_ascii=False), secret).encode("utf-8"))
+
+
+def redact(text: str, secret: str) -> str:
+    """A server may echo the key in an error message; nothing a job writes keeps it."""
+    return text.replace(secret, "<redacted>") if secret else text
 
 
 def list_records(folder: Path) -> list[dict[str, Any]]:
@@ -2624,7 +2631,11 @@ def start_worker(files: JobFiles, key: str, env: Mapping[str, str], console: Con
 
 
 def peak_memory_kib() -> Optional[int]:
-    """The worker's own peak resident memory; ru_maxrss is KiB on Linux, bytes on macOS."""
+    """The worker's own peak resident memory. Linux: VmHWM, because ru_maxrss keeps the peak of the
+    command the worker was forked from; elsewhere ru_maxrss (bytes on macOS); Windows: none."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as status:
+            return int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
     try:
         import resource
     except ImportError:
@@ -2652,12 +2663,19 @@ class JobWorker:
             changes["peak_rss_kib"] = peak_memory_kib()
         with self.lock:
             self.record.update(changes)
-            write_record(self.files, self.record)
+            write_record(self.files, self.record, secret=self.key)
 
     def emit(self, event: str, /, **fields: Any) -> None:
         line = json.dumps({"event": event, "at": round(time.time(), 3), **fields}, ensure_ascii=False)
         with self.lock, open(self.files.events, "a", encoding="utf-8", newline="\n") as handle:
-            handle.write(line + "\n")
+            handle.write(redact(line, self.key) + "\n")
+
+    def log_bug(self) -> None:
+        """The traceback of the exception being handled, into the job's log, without the key."""
+        import traceback
+
+        with self.lock, open(self.files.log, "a", encoding="utf-8") as log:
+            log.write(redact(traceback.format_exc(), self.key))
 
     def on_stage(self, stage: str) -> None:
         """From the transport: the request is completely sent (it may be billed), or answered."""
@@ -2718,9 +2736,10 @@ def finish_single(worker: JobWorker, job: ImageJob, spool: Path, received: Recei
         worker.emit("saved", path=str(image.path), width=image.info.width, height=image.info.height,
                     format=image.info.format, bytes=image.size_bytes)
     code = result.error.exit_code if result.error else EXIT_OK
+    kept = result.error and result.error.kind != "saved_to_fallback"
     worker.update(state="done" if result.files else "failed", result=result_to_plain(result), exit_code=code,
-                  note=None)
-    if not result.error or result.error.kind == "saved_to_fallback":
+                  note=f"the raw answer is kept in {spool}" if kept else None)
+    if not kept:
         remove_quietly(spool)
 
 
@@ -2741,10 +2760,7 @@ def run_worker(files: JobFiles, key: str) -> int:
         except ToolError as err:
             worker.fail(err)
         except Exception as err:  # the documented boundary: recorded, never swallowed
-            import traceback
-
-            with open(files.log, "a", encoding="utf-8") as log:
-                traceback.print_exc(file=log)
+            worker.log_bug()
             worker.fail(ToolError(f"a bug in the worker: {type(err).__name__}: {err} (traceback in {files.log})"))
         finally:
             for temporary in list(LIVE_TEMPORARIES):
@@ -2834,10 +2850,7 @@ class BatchRun:
         try:
             record = self.make_item(item)
         except Exception as err:  # the documented boundary of a batch thread
-            import traceback
-
-            with open(self.worker.files.log, "a", encoding="utf-8") as log:
-                traceback.print_exc(file=log)
+            self.worker.log_bug()
             bug = ToolError(f"a bug: {type(err).__name__}: {err} (traceback in {self.worker.files.log})")
             record = item_record(item, "failed", error=bug, elapsed_s=time.monotonic() - started)
             with self.lock:
@@ -2869,6 +2882,7 @@ class BatchRun:
                            elapsed_s=received.elapsed_s)
 
     def finish(self, record: dict[str, Any]) -> None:
+        record = json.loads(redact(json.dumps(record, ensure_ascii=False), self.worker.key))
         with self.lock:
             try:
                 append_manifest(self.plan.manifest, record)
@@ -2906,7 +2920,7 @@ class Console:
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
-            text = text.replace(secret, "<redacted>")
+            text = redact(text, secret)
         return text
 
     def _write(self, stream: IO[str], text: str) -> None:
@@ -3830,15 +3844,15 @@ def make_streams_safe() -> None:
 
 
 @contextlib.contextmanager
-def signals_raised() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise Signalled in the main thread, as SIGINT raises KeyboardInterrupt, so
-    the command can say what happens to its job; the previous handlers come back afterwards."""
+def signals_raised(wanted: Sequence[str] = ("SIGTERM", "SIGHUP")) -> Iterator[None]:
+    """These signals raise Signalled in the main thread, as SIGINT raises KeyboardInterrupt, so the
+    command can say what happens to its job; the previous handlers come back afterwards."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    names = [name for name in wanted if hasattr(signal, name)]
     previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
 
     def raise_signalled(number: int, frame: Any) -> None:
@@ -3861,7 +3875,7 @@ def run_worker_process(record: Path, env: Mapping[str, str]) -> int:
     for name in ("SIGINT", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    with signals_raised():
+    with signals_raised(("SIGTERM",)):
         return run_worker(JobFiles(record.parent, record.name[:-len(".json")]), env.get(ENV_API_KEY, ""))
 
 

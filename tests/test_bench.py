@@ -21,10 +21,16 @@ def test_quick_benchmark_measures_every_case_and_judges_every_target(tmp_path: P
     assert done.returncode == 0, done.stderr
     text = output.read_text(encoding="utf-8")
     assert done.stdout == text
-    cases = re.findall(r"^\| (.+?) \| [\d,]+ \([\d,]+-[\d,]+\) \| [\d.,]+ \([\d.,]+-[\d.,]+\) \|$", text, flags=re.M)
+    peak = r"[\d.,]+ \([\d.,]+-[\d.,]+\)"
+    rows = re.findall(rf"^\| (.+?) \| [\d,]+ \([\d,]+-[\d,]+\) \| {peak} \| ({peak}|-) \|$", text, flags=re.M)
+    cases = [case for case, _ in rows]
     assert cases[:2] == ["`python -c pass`", "`python scripts/generate_image.py --version`"]
     assert {"this tool, 1024x1024", "curl \\| sed \\| base64 -d, 1024x1024", "this tool, edit 5 x 1 MB",
-            "batch of 4, 0.2 s each, -j 4", "batch of 30, instant server, -j 16"} <= set(cases)
+            "batch of 4, 0.2 s each, -j 4", "batch of 30, instant server, -j 16", "this tool, --stream, 1024x1024",
+            "batch of 4 x 1024x1024, -j 4, answers together"} <= set(cases)
+    workers = dict(rows)
+    assert workers["this tool, 1024x1024"] != "-" and workers["`python -c pass`"] == "-"
+    assert "worker peak" in text and "the waiting command's own peak" in text
     verdicts = re.findall(r"^\| .+ \| .+ \| (PASS|MISS) \|$", text, flags=re.M)
     assert len(verdicts) >= 8
     assert "python bench/run.py --quick" in text and "Machine: " in text

@@ -3,6 +3,7 @@ CI runs the README's test command, every documented example works against a loca
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import re
@@ -67,7 +68,9 @@ def write_batch_file(folder: Path, name: str) -> None:
 
 
 def parser_long_flags() -> set[str]:
-    return {opt for action in gi.build_parser()._actions for opt in action.option_strings if opt.startswith("--")}
+    """The flags a user sees; the worker's own --run-job is hidden."""
+    return {opt for action in gi.build_parser()._actions for opt in action.option_strings
+            if opt.startswith("--") and action.help != argparse.SUPPRESS}
 
 
 def test_documents_have_commands_to_check() -> None:
@@ -99,8 +102,13 @@ def test_documented_command_works_against_a_local_server(online: CliRunner, isol
         (isolated / words[words.index("-m") + 1]).write_bytes(make_png(640, 480, alpha=True))
     if "--batch" in words:
         write_batch_file(isolated, words[words.index("--batch") + 1])
+    if words[0] in ("--attach", "--list-jobs", "--cancel"):     # they act on a job made before
+        assert online("-p", "an earlier image", "-f", "earlier.png").code == 0
     run = online(*words, stdin=stdin)
     assert run.code == 0, run.err
+    if words[0] in ("--list-jobs", "--cancel"):
+        assert "earlier" in run.out or " done" in run.out
+        return
     if "--dry-run" in words:
         assert "POST " in run.out.splitlines()[0]
         return
@@ -141,7 +149,7 @@ def test_every_flag_the_documents_mention_exists(path: Path) -> None:
 def test_exit_code_tables_match_the_script(name: str) -> None:
     text = (ROOT / name).read_text(encoding="utf-8")
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", text, flags=re.M)}
-    defined = {value for key, value in vars(gi).items() if key.startswith("EXIT_")}
+    defined = {value for key, value in vars(gi).items() if key.startswith("EXIT_")} | set(gi.SIGNAL_EXITS.values())
     assert documented == defined
 
 
