@@ -3084,6 +3084,7 @@ def settle_dead_worker(files: JobFiles, record: dict[str, Any]) -> dict[str, Any
     """A worker that died without finishing: what its record proves is all there is to say."""
     if record["state"] in FINISHED_STATES:
         return record
+    remove_stale_temporaries(files, record)
     if record.get("received") and files.spool().exists():
         return record       # the answer is in the spool: the caller saves it
     if record.get("sent"):
@@ -3096,6 +3097,19 @@ def settle_dead_worker(files: JobFiles, record: dict[str, Any]) -> dict[str, Any
     record.update(state="failed", error=error_document(err), exit_code=err.exit_code)
     write_record(files, record)
     return record
+
+
+def remove_stale_temporaries(files: JobFiles, record: Mapping[str, Any]) -> None:
+    """A worker killed outright (SIGKILL) leaves its half-written files; the next command removes them:
+    .NAME.xxxx.part beside each target and in the fallback folder, previews, and its own record's."""
+    patterns = [(files.folder, f".{files.job_id}.json.*.part")]
+    for target in record.get("targets") or ():
+        path = Path(record.get("cwd") or ".") / target
+        patterns += [(path.parent, f".{path.name}.*.part"), (path.parent, f".{path.stem}.partial*.part"),
+                     (fallback_folder(), f".{path.name}.*.part")]
+    for folder, pattern in patterns:
+        for leftover in folder.glob(pattern):
+            remove_quietly(leftover)
 
 
 def recover_from_spool(files: JobFiles, record: dict[str, Any], console: Console) -> dict[str, Any]:

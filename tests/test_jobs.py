@@ -97,6 +97,21 @@ def test_killing_the_command_group_loses_nothing_and_a_rerun_attaches_instead_of
 
 
 @POSIX_ONLY
+def test_a_worker_killed_after_sending_is_reported_as_maybe_billed_then_a_rerun_sends_again(
+        api: FakeImagesAPI, env: dict[str, str], state: Path) -> None:
+    api.queue(Reply(body=images_answer([make_png(64, 64)]), delay=3))
+    detached = run(env, "-p", "cat", "-f", "cat.png", "--detach")
+    wait_until(lambda: records(state) and records(state)[0]["sent"], "the request to be sent")
+    os.kill(only_record(state)["pid"], signal.SIGKILL)
+    lost = run(env, "-p", "cat", "-f", "cat.png")
+    assert lost.returncode == gi.EXIT_MAYBE_BILLED, lost.stderr.decode()
+    assert "stopped after the request was sent; the answer is lost" in lost.stderr.decode()
+    assert detached.stdout.decode().split()[1] == only_record(state)["id"]
+    again = run(env, "-p", "cat", "-f", "cat.png")
+    assert (again.returncode, again.stdout, len(api.requests)) == (0, b"cat.png\n", 2)
+
+
+@POSIX_ONLY
 @pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
 def test_a_signal_after_sending_leaves_the_job_running_and_attach_collects_it(
         api: FakeImagesAPI, env: dict[str, str], state: Path, isolated: Path, name: str, code: int) -> None:
@@ -273,8 +288,8 @@ def test_a_save_that_fails_keeps_the_answer_and_a_rerun_saves_it_without_a_reque
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_worker_that_died_while_saving_is_finished_by_attach(online: CliRunner, api: FakeImagesAPI,
-                                                               state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_that_died_while_saving_is_finished_by_attach(online: CliRunner, api: FakeImagesAPI, state: Path,
+                                                               isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     finish_single = gi.finish_single
 
     def die(*args: object, **kwargs: object) -> None:
@@ -286,6 +301,7 @@ def test_a_worker_that_died_while_saving_is_finished_by_attach(online: CliRunner
     record = only_record(state)
     assert (record["state"], record["received"], record["result"]) == ("saving", True, None)
     monkeypatch.setattr(gi, "finish_single", finish_single)
+    (isolated / ".cat.png.0badc0de.part").write_bytes(b"half an image")     # what the kill left
     listed = online("--list-jobs")
     assert f"{record['id']}  saving (worker gone)" in listed.out
     attached = online("--attach", record["id"])
