@@ -170,7 +170,7 @@ class Bench:
         return self.work / "state"
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, "APIYI_STATE_DIR": str(self.state), **extra}
+        return {**os.environ, "APIYI_STATE_DIR": str(self.state), "APIYI_WORKER": "process", **extra}
 
     def run(self, key: str, name: str, command: list[str], *, shell: bool = False, **env: str) -> Row:
         def once() -> tuple[float, float, Optional[float]]:

@@ -1254,7 +1254,7 @@ def describe_request(request: HttpRequest, job: ImageJob, config: ApiConfig) -> 
 
 
 def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool,
-             on_sent: Callable[[], None] = lambda: None) -> Any:
+             on_stage: Callable[[str], None] = lambda stage: None) -> Any:
     """urllib with the environment's proxies; without follow_redirects a 3xx comes back as an
     HTTPError, because urllib would resend the Authorization header to the new host."""
     import urllib.request
@@ -1264,16 +1264,19 @@ def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool,
             return None
 
     opener = urllib.request.build_opener(*([] if follow_redirects else [RefuseRedirects()]))
-    data = body_pieces(request.body, on_sent) if request.body else None
+    data = body_pieces(request.body, on_stage) if request.body else None
     urllib_request = urllib.request.Request(request.url, data=data, headers=request.headers, method=request.method)
     return opener.open(urllib_request, timeout=timeout_s)
 
 
-def body_pieces(body: Union[bytes, MultipartBody], on_sent: Callable[[], None]) -> Iterator[bytes]:
-    """The body as pieces; http.client asks for the next piece only after sending the last one,
-    so on_sent runs once every byte is on its way: from then on the gateway may bill."""
-    yield from ((body,) if isinstance(body, bytes) else body)
-    on_sent()
+def body_pieces(body: Union[bytes, MultipartBody], on_stage: Callable[[str], None]) -> Iterator[bytes]:
+    """The body as pieces; http.client asks for the next piece only after sending the last one, so
+    "sent" comes once every byte is on its way: from then on the gateway may bill. Before each piece,
+    "piece" lets a cancelled job stop while nothing is billed yet."""
+    for piece in (body,) if isinstance(body, bytes) else body:
+        on_stage("piece")
+        yield piece
+    on_stage("sent")
 
 
 def read_body(response: Any, *, deadline: float, limit: Optional[int] = None) -> bytearray:
@@ -1331,15 +1334,23 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
     import socket
     import urllib.error
 
-    deadline = time.monotonic() + timeout_s
+    deadline, sent = time.monotonic() + timeout_s, []
+
+    def on_stage(stage: str) -> None:
+        sent.extend([True] if stage == "sent" else [])
+        transfer.on_stage(stage)
+
     try:
-        with open_url(request, timeout_s=timeout_s, follow_redirects=follow_redirects,
-                      on_sent=lambda: transfer.on_stage("sent")) as response:
+        with open_url(request, timeout_s=timeout_s, follow_redirects=follow_redirects, on_stage=on_stage) as response:
             transfer.on_stage("receiving")
             return read_answer(response, transfer, deadline=deadline)
     except urllib.error.HTTPError as err:
         return HttpResponse(err.code, lowercase_headers(err.headers), read_error_body(err, deadline=deadline))
     except urllib.error.URLError as err:
+        if sent:    # urllib wraps what failed after the last byte went out: never a retry
+            raise MaybeBilledError(f"the connection to {host_of(request.url)} failed after the request was "
+                                   f"sent: {reason_text(err.reason)}", kind="dropped",
+                                   hint=billed_hint(timeout_s)) from None
         raise ConnectError(f"could not reach {host_of(request.url)}: {reason_text(err.reason)}",
                            hint=connect_hint(reason_text(err.reason))) from None
     except (socket.timeout, TimeoutError):
@@ -2022,7 +2033,12 @@ def next_free_path(path: Path) -> Path:
 
 
 def temporary_beside(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{random_hex(4)}.part")
+    """.NAME.JOB-RANDOM.part: the job's id lets the next command clean up after a killed worker
+    without touching another job's file of the same name."""
+    return target.with_name(f".{target.name}.{TEMPORARY_TAG[0]}{random_hex(4)}.part")
+
+
+TEMPORARY_TAG = [""]    # "JOBID-" while a worker runs a job (one job per process or command)
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
@@ -2084,10 +2100,19 @@ def claim_name(temporary: Path, candidate: Path) -> None:
     except FileExistsError:
         raise
     except (OSError, NotImplementedError, AttributeError):
-        os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        replace_file(temporary, candidate)
+        claim_by_creating(temporary, candidate)
         return
     os.unlink(temporary)
+
+
+def claim_by_creating(temporary: Path, candidate: Path) -> None:
+    """Where hard links are not supported: reserve the name by creating it, then fill it."""
+    os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        replace_file(temporary, candidate)
+    except OSError:
+        remove_quietly(candidate)       # the empty reservation is ours: no 0-byte file is left
+        raise
 
 
 def save_file(target: Path, fill: Callable[[IO[bytes]], Any], *, replace: bool,
@@ -2345,10 +2370,27 @@ def open_state_folder(env: Mapping[str, str]) -> Path:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if os.name != "nt" and folder.stat().st_mode & 0o077:
             os.chmod(folder, 0o700)
+        probe = folder / f".probe-{random_hex(4)}"
+        probe.touch(exist_ok=False)
+        probe.unlink()
     except OSError as err:
-        raise UsageError(f"the state folder {folder} cannot be created: {err.strerror or err}",
-                         hint=f"set {ENV_STATE_DIR} to a writable folder") from None
+        raise state_folder_error(folder, err) from None
     return folder
+
+
+def state_folder_error(folder: Path, err: OSError) -> UsageError:
+    return UsageError(f"the state folder {folder} cannot be used: {err.strerror or err}"
+                      + (f" ({err.filename})" if err.filename else ""),
+                      hint=f"set {ENV_STATE_DIR} to a writable folder of your own")
+
+
+@contextlib.contextmanager
+def state_folder_errors(folder: Path) -> Iterator[None]:
+    """A job file that cannot be read or written is a problem of the state folder, said in one line."""
+    try:
+        yield
+    except OSError as err:
+        raise state_folder_error(folder, err) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2381,6 +2423,11 @@ class JobFiles:
     @property
     def reported(self) -> Path:
         return self.file(".reported")
+
+    @property
+    def cancel(self) -> Path:
+        """always (--cancel), or unless-sent (an interrupted command)."""
+        return self.file(".cancel")
 
     def spool(self, item: int = 0) -> Path:
         return self.file(f".item-{item}.spool" if item else ".spool")
@@ -2499,8 +2546,11 @@ def write_record(files: JobFiles, record: dict[str, Any], *, secret: str = "") -
 
 
 def redact(text: str, secret: str) -> str:
-    """A server may echo the key in an error message; nothing a job writes keeps it."""
-    return text.replace(secret, "<redacted>") if secret else text
+    """A server may echo the key in an error message; nothing a job writes keeps it, as it is or as
+    JSON writes it (a key may hold a quote or a backslash)."""
+    for form in {secret, json.dumps(secret)[1:-1]} if secret else ():
+        text = text.replace(form, "<redacted>")
+    return text
 
 
 def list_records(folder: Path) -> list[dict[str, Any]]:
@@ -2513,6 +2563,7 @@ def try_lock(handle: IO[bytes]) -> bool:
     if os.name == "nt":
         import msvcrt
 
+        handle.seek(0)      # the lock is on byte 0, wherever the file position was
         try:
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         except OSError:
@@ -2529,14 +2580,32 @@ def try_lock(handle: IO[bytes]) -> bool:
 
 @contextlib.contextmanager
 def held_lock(path: Path, *, wait_s: float = 0.0) -> Iterator[bool]:
-    """Yields whether the lock was taken (within wait_s); released on leaving."""
+    """Yields whether the lock was taken (within wait_s); released on leaving, explicitly (Windows
+    releases a lock left to the close only some time later)."""
     with open(path, "a+b") as handle:
         deadline = time.monotonic() + wait_s
         taken = try_lock(handle)
         while not taken and time.monotonic() < deadline:
             time.sleep(0.01)
             taken = try_lock(handle)
-        yield taken
+        try:
+            yield taken
+        finally:
+            if taken:
+                unlock(handle)
+
+
+def unlock(handle: IO[bytes]) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(0)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    import fcntl
+
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def worker_alive(files: JobFiles, record: Mapping[str, Any]) -> bool:
@@ -2559,15 +2628,19 @@ def state_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-def prune_records(folder: Path) -> None:
-    """Finished jobs older than JOB_KEEP_S go, but never one whose spool still holds an answer."""
-    cutoff = time.time() - JOB_KEEP_S
+def prune_records(folder: Path) -> list[Path]:
+    """Finished jobs older than JOB_KEEP_S go, but never one whose spool still holds an answer to
+    save. Returns the raw answers removed with them, so the caller says so."""
+    cutoff, said = time.time() - JOB_KEEP_S, []
     for record in list_records(folder):
         files = JobFiles(folder, record["id"])
+        paths = files.all_files()
         if record.get("state") in FINISHED_STATES and record.get("updated_at", 0) < cutoff \
-                and not any(p.suffix == ".spool" for p in files.all_files()):
-            for path in files.all_files():
+                and not any(p.suffix == ".spool" for p in paths):
+            said += [p for p in paths if p.suffix == ".answer"]
+            for path in paths:
                 remove_quietly(path)
+    return said
 
 
 # Windows: no console, a process group of its own (Ctrl-C in the caller's console does not reach
@@ -2614,9 +2687,11 @@ def start_worker_thread(files: JobFiles, key: str) -> None:
     threading.Thread(target=run_worker, args=(files, key), daemon=True, name=f"job {files.job_id}").start()
 
 
-def start_worker(files: JobFiles, key: str, env: Mapping[str, str], console: Console) -> bool:
-    """A detached process; else a thread of this command, said once. Returns whether it is detached."""
-    mode = env.get(ENV_WORKER, "process")
+def start_worker(files: JobFiles, record: dict[str, Any], *, key: str, env: Mapping[str, str],
+                 console: Console) -> bool:
+    """A detached process; else a thread of this command, said once. Returns whether it is detached.
+    The record says which before any worker can read it."""
+    mode = worker_mode(env)
     if mode == "process":
         try:
             start_worker_process(files, key, env)
@@ -2626,8 +2701,18 @@ def start_worker(files: JobFiles, key: str, env: Mapping[str, str], console: Con
                          "this command and stops if it is stopped")
     elif mode == "unavailable":
         console.warn(f"{ENV_WORKER}=unavailable: the request runs inside this command and stops if it is stopped")
+    record["detached"] = False
+    write_record(files, record)
     start_worker_thread(files, key)
     return False
+
+
+def worker_mode(env: Mapping[str, str]) -> str:
+    mode = env.get(ENV_WORKER, "process").strip().lower() or "process"
+    if mode not in WORKER_MODES:
+        raise UsageError(f"{ENV_WORKER}={mode!r} is not one of {', '.join(WORKER_MODES)}",
+                         hint=f"unset {ENV_WORKER}, or set it to inprocess")
+    return mode
 
 
 def peak_memory_kib() -> Optional[int]:
@@ -2655,7 +2740,7 @@ class JobWorker:
         self.record = record                # this worker's copy, written whole on each change
         self.key = key
         self.lock = threading.Lock()
-        self.stopping = threading.Event()   # a batch: no new item starts
+        self.cancelling = False             # set once: a second SIGTERM must not cut the cancel short
 
     def update(self, **changes: Any) -> None:
         """The last write, which ends the job, carries the worker's peak memory."""
@@ -2678,12 +2763,38 @@ class JobWorker:
             log.write(redact(traceback.format_exc(), self.key))
 
     def on_stage(self, stage: str) -> None:
-        """From the transport: the request is completely sent (it may be billed), or answered."""
-        if stage == "sent" and not self.record.get("sent"):
-            self.update(state="waiting", sent=True, sent_at=time.time())
-            self.emit("sent", possibly_billed=True)
-        elif stage == "receiving" and self.record.get("kind") == "single":
-            self.update(state="receiving")
+        """From the transport: a piece is about to go (stop here if cancelled: nothing is billed yet),
+        the request is completely sent (it may be billed), or answered. A record that cannot be
+        written must not fail the request: the copy in memory keeps what is true."""
+        if stage == "piece" and self.cancel_requested():
+            self.cancelling = True
+            raise Signalled("cancelled")
+        try:
+            if stage == "sent" and not self.record.get("sent"):
+                self.update(state="waiting", sent=True, sent_at=time.time())
+                self.emit("sent", possibly_billed=True)
+            elif stage == "receiving" and self.record.get("kind") == "single":
+                self.update(state="receiving")
+        except OSError:
+            pass
+
+    def cancel_requested(self) -> bool:
+        """--cancel asks always; an interrupted command only while nothing is sent."""
+        try:
+            mode = self.files.cancel.read_text(encoding="ascii").strip()
+        except (OSError, ValueError):
+            return False
+        return mode == "always" or not self.record.get("sent")
+
+    def on_terminate(self, number: int, frame: Any) -> None:
+        """SIGTERM (a cancel): stop, unless the answer is already here and being saved (it is paid
+        for: finish it) or the cancel was only meant to hold an unsent request."""
+        if self.cancelling or (self.record.get("received") and self.record.get("kind") == "single"):
+            return
+        if self.files.cancel.exists() and not self.cancel_requested():
+            return
+        self.cancelling = True
+        raise Signalled("SIGTERM")
 
     def config(self) -> ApiConfig:
         return config_from_plain(self.record["config"], self.key)
@@ -2708,14 +2819,11 @@ class JobWorker:
                             "crashed": run.crashed}, exit_code=EXIT_OK)
 
     def stop_batch(self, run: BatchRun) -> None:
-        """Told to stop: no new item; those in flight are being paid for, so they finish (a second
-        signal abandons them)."""
+        """Told to stop: no new item; those in flight are being paid for, so they finish, unless the
+        cancel came before anything was sent (their uploads stop at the next piece)."""
         run.stop(InterruptedRun("cancelled: no new item was started", kind="cancelled",
                                 hint="run the same command again to make the items not run"))
-        try:
-            run.wait()
-        except Signalled:
-            run.abort()
+        run.wait()
 
     def fail(self, err: ToolError, *, state: str = "failed") -> None:
         self.update(state=state, error=error_document(err), exit_code=err.exit_code)
@@ -2723,13 +2831,15 @@ class JobWorker:
 
 
 def finish_single(worker: JobWorker, job: ImageJob, spool: Path, received: Received) -> None:
-    """Save from the spool, record the result, and only then delete the spool: a save that fails
-    leaves it for the next attach."""
+    """Save from the spool, record the result, and only then delete the spool. A save that could not
+    write anywhere leaves the spool for the next attach; an answer that holds no usable image is
+    kept aside as ID.answer (paid for, so never thrown away; it does not block a new request)."""
     try:
         result = save_spooled_answer(job, spool, received, worker.config())
     except ToolError as err:
-        worker.update(state="failed", error=error_document(err), exit_code=err.exit_code,
-                      note="received, not saved" if spool.exists() else None)
+        unsaved = err.kind == "save_failed"
+        note = "received, not saved" if unsaved else f"the raw answer is kept in {keep_raw_answer(spool)}"
+        worker.update(state="failed", error=error_document(err), exit_code=err.exit_code, note=note)
         worker.emit("error", **error_document(err))
         return
     for image in result.files:
@@ -2738,20 +2848,33 @@ def finish_single(worker: JobWorker, job: ImageJob, spool: Path, received: Recei
     code = result.error.exit_code if result.error else EXIT_OK
     kept = result.error and result.error.kind != "saved_to_fallback"
     worker.update(state="done" if result.files else "failed", result=result_to_plain(result), exit_code=code,
-                  note=f"the raw answer is kept in {spool}" if kept else None)
+                  note=f"the raw answer is kept in {keep_raw_answer(spool)}" if kept else None)
     if not kept:
         remove_quietly(spool)
 
 
-def run_worker(files: JobFiles, key: str) -> int:
+def keep_raw_answer(spool: Path) -> Path:
+    """ID.spool -> ID.answer: kept for the user, no longer an answer waiting to be saved."""
+    kept = spool.with_suffix(".answer")
+    with contextlib.suppress(OSError):
+        replace_file(spool, kept)
+    return kept
+
+
+def run_worker(files: JobFiles, key: str, *, detached: bool = False) -> int:
     """The job, start to finish. This is the one boundary where any exception is caught: it is
     recorded as a failure with exit 1 and its traceback goes to the job's log, so a bug is never
     reported as success nor lost."""
-    with held_lock(files.lock) as taken:
+    with held_lock(files.lock, wait_s=WORKER_START_GRACE_S / 2) as taken:   # a probe may hold it a moment
         record = read_record(files.record)
         if not taken or record is None or record.get("state") != "starting":
             return EXIT_OK                  # another worker owns it, or it is already over
         worker = JobWorker(files, record, key)
+        TEMPORARY_TAG[0] = f"{files.job_id}-"
+        if detached:
+            import signal
+
+            signal.signal(signal.SIGTERM, worker.on_terminate)
         worker.update(state="sending", pid=os.getpid(), worker_started_at=time.time())
         try:
             (worker.run_single if record["kind"] == "single" else worker.run_batch)()
@@ -2772,7 +2895,8 @@ def cancel_in_worker(worker: JobWorker, signal_name: str) -> None:
     billed = "the request was already sent and may still be billed" if worker.record.get("sent") \
         else "nothing was sent, nothing is billed"
     if not worker.record.get("received"):
-        remove_quietly(worker.files.spool())
+        for spool in worker.files.folder.glob(f"{worker.files.job_id}.*spool"):
+            remove_quietly(spool)
     worker.fail(InterruptedRun(f"job {worker.files.job_id} was cancelled ({signal_name}); {billed}",
                                kind="cancelled", hint="run the same command again to make a new request"),
                 state="cancelled")
@@ -2802,7 +2926,6 @@ class BatchRun:
         self.gate = Gate(plan.jobs)
         self.lock = threading.Lock()
         self.pending = list(reversed(plan.to_run))      # taken from the end, so in file order
-        self.saving = 0                                 # items writing files now (abort waits for them)
         self.stop_error: Optional[ToolError] = None     # set: no new item starts
         self.crashed = False                            # an item ended in a bug (exit 1)
         self.workers_left = 0
@@ -2849,6 +2972,9 @@ class BatchRun:
         self.worker.emit("item_started", item=item.number)
         try:
             record = self.make_item(item)
+        except Signalled:           # cancelled before its last byte went out
+            record = item_record(item, "failed", elapsed_s=time.monotonic() - started, error=InterruptedRun(
+                "cancelled before it was completely sent; nothing was billed", kind="cancelled"))
         except Exception as err:  # the documented boundary of a batch thread
             self.worker.log_bug()
             bug = ToolError(f"a bug: {type(err).__name__}: {err} (traceback in {self.worker.files.log})")
@@ -2867,17 +2993,15 @@ class BatchRun:
             if isinstance(err, AuthError):
                 self.stop(err)
             return item_record(item, "failed", error=err, elapsed_s=time.monotonic() - started)
-        with self.lock:
-            self.saving += 1
         try:
             result = save_spooled_answer(item.job, spool, received, self.config)
         except ToolError as err:
+            err.message += f"; the raw answer is kept in {keep_raw_answer(spool)}"
             return item_record(item, "failed", error=err, elapsed_s=received.elapsed_s)
-        finally:
-            with self.lock:
-                self.saving -= 1
         if not result.error or result.error.kind == "saved_to_fallback":
             remove_quietly(spool)
+        else:
+            result.error.message += f"; the raw answer is kept in {keep_raw_answer(spool)}"
         return item_record(item, "failed" if result.error else "ok", result=result, error=result.error,
                            elapsed_s=received.elapsed_s)
 
@@ -2894,14 +3018,6 @@ class BatchRun:
     def wait(self) -> None:
         while not self.all_done.wait(0.1):
             pass
-
-    def abort(self) -> None:
-        """Leave now, but not in the middle of writing a file or a manifest line."""
-        self.stop(InterruptedRun("aborted; the requests in flight were abandoned and may be billed",
-                                 hint="run the same command again to finish what is missing"))
-        deadline = time.monotonic() + 10
-        while self.saving and time.monotonic() < deadline:
-            time.sleep(0.02)
 
 
 # --- Commands ---
@@ -3041,7 +3157,12 @@ class JobWatch:
             return []
         complete = chunk[:chunk.rfind(b"\n") + 1]
         self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        events = []
+        for line in complete.splitlines():
+            with contextlib.suppress(ValueError):       # a line torn by a killed worker says nothing
+                event = json.loads(line)
+                events.append(event) if isinstance(event, dict) and "event" in event else None
+        return events
 
     def show(self, event: Mapping[str, Any]) -> None:
         fields = {k: v for k, v in event.items() if k not in ("event", "at")}
@@ -3068,8 +3189,10 @@ class JobWatch:
             on_poll()
             record = read_record(self.files.record)
             if record and (record["state"] in FINISHED_STATES or not worker_alive(self.files, record)):
-                self.pump(beat=False)
-                return record
+                record = conclude(self.files, record, self.console)
+                if record["state"] in FINISHED_STATES:
+                    self.pump(beat=False)
+                    return record
             if max_wait is not None and time.monotonic() - started >= max_wait:
                 raise still_running(self.files.job_id, f"still running after --max-wait {max_wait:g} s")
             time.sleep(next(polls, POLL_INTERVALS_S[-1]))
@@ -3085,8 +3208,8 @@ def settle_dead_worker(files: JobFiles, record: dict[str, Any]) -> dict[str, Any
     if record["state"] in FINISHED_STATES:
         return record
     remove_stale_temporaries(files, record)
-    if record.get("received") and files.spool().exists():
-        return record       # the answer is in the spool: the caller saves it
+    if needs_recovery(files, record):
+        return record       # the answer is in the spool: conclude saves it
     if record.get("sent"):
         err: ToolError = MaybeBilledError(f"the worker of job {files.job_id} stopped after the request was sent; "
                                           "the answer is lost", kind="worker_lost",
@@ -3102,11 +3225,15 @@ def settle_dead_worker(files: JobFiles, record: dict[str, Any]) -> dict[str, Any
 def remove_stale_temporaries(files: JobFiles, record: Mapping[str, Any]) -> None:
     """A worker killed outright (SIGKILL) leaves its half-written files; the next command removes them:
     .NAME.xxxx.part beside each target and in the fallback folder, previews, and its own record's."""
+    import glob
+
+    tag = f"{files.job_id}-*.part"
     patterns = [(files.folder, f".{files.job_id}.json.*.part")]
     for target in record.get("targets") or ():
         path = Path(record.get("cwd") or ".") / target
-        patterns += [(path.parent, f".{path.name}.*.part"), (path.parent, f".{path.stem}.partial*.part"),
-                     (fallback_folder(), f".{path.name}.*.part")]
+        name, stem = glob.escape(path.name), glob.escape(path.stem)
+        patterns += [(path.parent, f".{name}*.{tag}"), (path.parent, f".{stem}.partial*.{tag}"),
+                     (fallback_folder(), f".{name}*.{tag}")]
     for folder, pattern in patterns:
         for leftover in folder.glob(pattern):
             remove_quietly(leftover)
@@ -3135,7 +3262,7 @@ def is_attachable(files: JobFiles, record: Mapping[str, Any]) -> bool:
     before sending holds nothing worth attaching to."""
     if needs_recovery(files, record):
         return True                     # an answer paid for and not saved yet: finish it first
-    if files.reported.exists():
+    if files.reported.exists() or (record["state"] == "cancelled" and not record.get("sent")):
         return False
     if record["state"] in FINISHED_STATES or worker_alive(files, record):
         return True
@@ -3161,8 +3288,9 @@ def find_or_start_job(folder: Path, record: dict[str, Any], *, key: str, env: Ma
                       console: Console) -> JobStart:
     """Attach to the job with this fingerprint that is running or unreported; else start one. A
     batch whose manifest another running job writes is refused."""
-    with state_lock(folder):
-        prune_records(folder)
+    with state_folder_errors(folder), state_lock(folder):
+        for answer in prune_records(folder):
+            console.warn(f"removed {answer}, the raw answer of a job that ended {JOB_KEEP_S // 86400} days ago")
         for existing in reversed(list_records(folder)):
             files = JobFiles(folder, existing["id"])
             if existing.get("fingerprint") == record["fingerprint"] and is_attachable(files, existing):
@@ -3174,10 +3302,7 @@ def find_or_start_job(folder: Path, record: dict[str, Any], *, key: str, env: Ma
                                  hint=f"wait for it ({PROG} --attach {existing['id']}) or stop it (--cancel)")
         files = JobFiles(folder, record["id"])
         write_record(files, record)
-        detached = start_worker(files, key, env, console)
-        if not detached:
-            record["detached"] = False
-            write_record(files, record)
+        detached = start_worker(files, record, key=key, env=env, console=console)
         return JobStart(files, False, detached, record)
 
 
@@ -3226,7 +3351,8 @@ def interrupt_job(start: JobStart, signal_name: str, console: Console) -> ToolEr
     if not start.detached:
         return InterruptedRun("interrupted; no partial file was left (a request already sent may be billed)")
     if not record.get("sent") and record["state"] not in FINISHED_STATES:
-        cancel_worker(start.files, record)
+        record = cancel_worker(start.files, record, mode="unless-sent")
+    if record["state"] == "cancelled" and not record.get("sent"):
         err = InterruptedRun(f"interrupted before the request was completely sent: job {start.files.job_id} "
                              "was cancelled and nothing was billed", hint="run the same command again to send it")
         err.exit_code = code
@@ -3234,31 +3360,50 @@ def interrupt_job(start: JobStart, signal_name: str, console: Console) -> ToolEr
     return still_running(start.files.job_id, f"interrupted ({signal_name})", exit_code=code)
 
 
-def cancel_worker(files: JobFiles, record: dict[str, Any]) -> str:
-    """Stop the job's worker and return the job's state after it. A job whose worker has not taken
-    its lock yet is marked cancelled under that lock, so the worker finds it so and never sends."""
-    import signal
-
+def cancel_worker(files: JobFiles, record: dict[str, Any], *, mode: str = "always") -> dict[str, Any]:
+    """Ask the job's worker to stop and return its record after it: the worker decides (see
+    JobWorker.on_terminate), so an interrupted command never cancels a request already sent. A
+    worker that is gone, or never started, is settled here under its lock."""
+    files.cancel.write_text(mode, encoding="ascii")
     with held_lock(files.lock) as free:
         if free:
-            latest = read_record(files.record) or record
-            if latest["state"] not in FINISHED_STATES:
-                latest.update(state="cancelled", exit_code=EXIT_INTERRUPTED)
-                write_record(files, latest)
-            return str(latest["state"])
+            return mark_cancelled(files, read_record(files.record) or record)
     latest = wait_for_pid(files) or record
-    if not latest.get("detached") or not latest.get("pid"):
-        return "running"                # a thread of another command: it ends with that command
-    with contextlib.suppress(OSError):
-        os.kill(int(latest["pid"]), signal.SIGTERM)
-    with held_lock(files.lock, wait_s=CANCEL_WAIT_S) as gone:
+    if latest.get("detached") and latest.get("pid") and (mode == "always" or os.name != "nt"):
+        signal_worker(int(latest["pid"]))   # on Windows this is TerminateProcess: only for --cancel
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while time.monotonic() < deadline:
         latest = read_record(files.record) or latest
-        if not gone:
-            return "stopping"
-        if latest["state"] not in FINISHED_STATES:
-            latest.update(state="cancelled", exit_code=EXIT_INTERRUPTED)
-            write_record(files, latest)
-    return str(latest["state"])
+        if latest["state"] in FINISHED_STATES or (mode == "unless-sent" and latest.get("sent")):
+            return latest
+        with held_lock(files.lock) as gone:
+            if gone:
+                return mark_cancelled(files, read_record(files.record) or latest)
+        time.sleep(0.02)
+    return latest
+
+
+def signal_worker(pid: int) -> None:
+    import signal
+
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def mark_cancelled(files: JobFiles, record: dict[str, Any]) -> dict[str, Any]:
+    """Under the job's lock, its worker gone: what it left half-done is removed, the job ends."""
+    if record["state"] in FINISHED_STATES:
+        return record
+    remove_stale_temporaries(files, record)
+    if not record.get("received"):
+        for spool in files.folder.glob(f"{files.job_id}.*spool"):
+            remove_quietly(spool)
+    billed = "the request was already sent and may still be billed" if record.get("sent") else "nothing was billed"
+    err = InterruptedRun(f"job {files.job_id} was cancelled; {billed}", kind="cancelled",
+                         hint="run the same command again to make a new request")
+    record.update(state="cancelled", error=error_document(err), exit_code=err.exit_code)
+    write_record(files, record)
+    return record
 
 
 def wait_for_pid(files: JobFiles) -> Optional[dict[str, Any]]:
@@ -3280,7 +3425,7 @@ def follow_single(start: JobStart, console: Console, *, max_wait: Optional[float
     watch = JobWatch(start.files, console, detached=start.detached)
     began = time.monotonic() - max(0.0, time.time() - start.record.get("created_at", time.time()))
     try:
-        with ProgressTicker(console, began):
+        with ProgressTicker(console, began), state_folder_errors(start.files.folder):
             record = watch.wait(max_wait=max_wait)
     except (KeyboardInterrupt, Signalled) as stop:
         raise interrupt_job(start, signal_name(stop), console) from None
@@ -3292,21 +3437,44 @@ def signal_name(stop: BaseException) -> str:
 
 
 def report_single(files: JobFiles, record: dict[str, Any], console: Console) -> int:
-    """The job's outcome as this command's own: the same stdout, --json document and exit code."""
-    record = settle_dead_worker(files, record)
-    if needs_recovery(files, record):
-        record = recover_from_spool(files, record, console)
+    """The job's outcome as this command's own: the same stdout, --json document and exit code.
+    It counts as reported once printed, not before: a command stopped in between leaves it to the next."""
     job = job_from_plain(record["spec"])
-    mark_reported(files)
     if record.get("result"):
         result = result_from_plain(job, record["result"])
         files_seen = tuple(dataclasses.replace(s, path=rebase(s.path, record["cwd"])) for s in result.files)
-        return report_result(dataclasses.replace(result, files=files_seen), console)
-    err = error_from_document(record.get("error") or {"message": f"job {files.job_id} ended without a result"})
-    if record.get("note") == "received, not saved":
-        err.message += f"; the answer is kept in {files.spool()}"
-        err.hint = f"make the folder writable, then run the same command again (or --attach {files.job_id})"
-    raise err
+        code = report_result(dataclasses.replace(result, files=files_seen), console)
+    else:
+        err = error_from_document(record.get("error") or {"message": f"job {files.job_id} ended without a result"})
+        if record.get("note") == "received, not saved":
+            err.message += f"; the answer is kept in {files.spool()}"
+            err.hint = f"make the folder writable, then run the same command again (or --attach {files.job_id})"
+        code = report_failure(err, console)
+    mark_reported(files)
+    return code
+
+
+def report_failure(err: ToolError, console: Console) -> int:
+    """The last word of a run that failed: the --json document, then the error line."""
+    if isinstance(err, StillRunning):
+        console.result(f"job {err.job_id}")
+    if console.json_mode:
+        console.document(failure_document(err))
+    console.error(err)
+    return err.exit_code
+
+
+def conclude(files: JobFiles, record: dict[str, Any], console: Console) -> dict[str, Any]:
+    """The record once nothing will change it: a dead worker's job settled, an answer received but not
+    saved saved now. Done under the worker's lock, so never while a worker runs, nor twice at once."""
+    if record["state"] in FINISHED_STATES and not needs_recovery(files, record):
+        return record
+    with held_lock(files.lock, wait_s=1) as mine:
+        latest = read_record(files.record) or record
+        if not mine:
+            return latest               # a worker still holds it: wait on
+        latest = settle_dead_worker(files, latest)
+        return recover_from_spool(files, latest, console) if needs_recovery(files, latest) else latest
 
 
 class BatchMonitor:
@@ -3369,15 +3537,16 @@ def follow_batch(start: JobStart, console: Console, *, max_wait: Optional[float]
     monitor = BatchMonitor(plan_from_plain(start.record["spec"]), console)
     watch = JobWatch(start.files, console, detached=start.detached, on_event=monitor.on_event)
     try:
-        record = watch.wait(max_wait=max_wait, on_poll=monitor.show_status)
+        with state_folder_errors(start.files.folder):
+            record = watch.wait(max_wait=max_wait, on_poll=monitor.show_status)
     except (KeyboardInterrupt, Signalled) as stop:
         console.end_live()
         raise interrupt_job(start, signal_name(stop), console) from None
     finally:
         console.end_live()
-    record = settle_dead_worker(start.files, record)
+    code = report_batch(monitor, record, console)
     mark_reported(start.files)
-    return report_batch(monitor, record, console)
+    return code
 
 
 def batch_outcome(monitor: BatchMonitor, record: Mapping[str, Any],
@@ -3475,7 +3644,9 @@ def run_cancel(job_id: str, console: Console, env: Mapping[str, str]) -> int:
         console.progress(f"job {files.job_id} has already ended ({record['state']})")
         state = str(record["state"])
     else:
-        state = cancel_worker(files, record)
+        with state_folder_errors(files.folder):
+            after = cancel_worker(files, record)
+        state = str(after["state"]) if after["state"] in FINISHED_STATES else "stopping"
         billed = "; the request was already sent and may still be billed" if record.get("sent") else ""
         more = "; no new item starts, the ones in flight finish" if record.get("kind") == "batch" else ""
         console.progress(f"job {files.job_id}: {state}{billed}{more}")
@@ -3882,15 +4053,14 @@ def signals_raised(wanted: Sequence[str] = ("SIGTERM", "SIGHUP")) -> Iterator[No
 
 
 def run_worker_process(record: Path, env: Mapping[str, str]) -> int:
-    """The entry of a detached worker (--run-job): SIGTERM (--cancel) stops it; it has no terminal,
-    so SIGINT and SIGHUP are ignored in case one is still delivered."""
+    """The entry of a detached worker (--run-job): SIGTERM (a cancel) is weighed by the worker; it has
+    no terminal, so SIGINT and SIGHUP are ignored in case one is still delivered."""
     import signal
 
     for name in ("SIGINT", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
-    with signals_raised(("SIGTERM",)):
-        return run_worker(JobFiles(record.parent, record.name[:-len(".json")]), env.get(ENV_API_KEY, ""))
+    return run_worker(JobFiles(record.parent, record.name[:-len(".json")]), env.get(ENV_API_KEY, ""), detached=True)
 
 
 def failure_document(err: ToolError) -> dict[str, Any]:
@@ -3918,12 +4088,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, Signalled) as stop:
         failure = InterruptedRun("interrupted; no partial file was left (a request already sent may be billed)")
         failure.exit_code = SIGNAL_EXITS[signal_name(stop)]
-    if isinstance(failure, StillRunning):
-        console.result(f"job {failure.job_id}")
-    if console.json_mode:
-        console.document(failure_document(failure))
-    console.error(failure)
-    return failure.exit_code
+    return report_failure(failure, console)
 
 
 if __name__ == "__main__":

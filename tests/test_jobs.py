@@ -301,12 +301,15 @@ def test_a_worker_that_died_while_saving_is_finished_by_attach(online: CliRunner
     record = only_record(state)
     assert (record["state"], record["received"], record["result"]) == ("saving", True, None)
     monkeypatch.setattr(gi, "finish_single", finish_single)
-    (isolated / ".cat.png.0badc0de.part").write_bytes(b"half an image")     # what the kill left
+    (isolated / f".cat.png.{record['id']}-0badc0de.part").write_bytes(b"half an image")   # what the kill left
+    (isolated / ".cat.png.other-job-0badc0de.part").write_bytes(b"another job's")
     listed = online("--list-jobs")
     assert f"{record['id']}  saving (worker gone)" in listed.out
     attached = online("--attach", record["id"])
     assert (attached.code, attached.out, len(api.requests)) == (0, "cat.png\n", 1), attached.err
     assert not list(state.glob("*.spool"))
+    assert [p.name for p in isolated.glob(".*.part")] == [".cat.png.other-job-0badc0de.part"]
+    (isolated / ".cat.png.other-job-0badc0de.part").unlink()
 
 
 def test_a_bug_in_the_worker_is_exit_1_never_success(online: CliRunner, api: FakeImagesAPI, isolated: Path,
