@@ -2662,7 +2662,14 @@ def worker_argv(files: JobFiles) -> list[str]:
     return [sys.executable, "-I", "-S", os.path.abspath(__file__), "--run-job", str(files.record)]
 
 
-RUNNING_WORKERS: list[Any] = []   # Popen objects of this command's workers, reaped when they end
+RUNNING_WORKERS: list[Any] = []   # Popen objects of this command's workers, reaped as they end
+
+
+def reap_workers() -> None:
+    """A worker that ended is waited for, so it does not linger as a zombie while the command waits."""
+    for process in list(RUNNING_WORKERS):
+        if process.poll() is not None:
+            RUNNING_WORKERS.remove(process)
 
 
 def start_worker_process(files: JobFiles, key: str, env: Mapping[str, str]) -> None:
@@ -3187,6 +3194,7 @@ class JobWatch:
         while True:
             self.pump()
             on_poll()
+            reap_workers()
             record = read_record(self.files.record)
             if record and (record["state"] in FINISHED_STATES or not worker_alive(self.files, record)):
                 record = conclude(self.files, record, self.console)
@@ -3210,6 +3218,8 @@ def settle_dead_worker(files: JobFiles, record: dict[str, Any]) -> dict[str, Any
     remove_stale_temporaries(files, record)
     if needs_recovery(files, record):
         return record       # the answer is in the spool: conclude saves it
+    kept = [str(keep_raw_answer(spool)) for spool in files.folder.glob(f"{files.job_id}.item-*.spool")]
+    record["note"] = f"raw answers kept: {', '.join(kept)}" if kept else record.get("note")
     if record.get("sent"):
         err: ToolError = MaybeBilledError(f"the worker of job {files.job_id} stopped after the request was sent; "
                                           "the answer is lost", kind="worker_lost",
@@ -3349,7 +3359,9 @@ def interrupt_job(start: JobStart, signal_name: str, console: Console) -> ToolEr
     code = SIGNAL_EXITS[signal_name]
     record = read_record(start.files.record) or start.record
     if not start.detached:
-        return InterruptedRun("interrupted; no partial file was left (a request already sent may be billed)")
+        err = InterruptedRun("interrupted; no partial file was left (a request already sent may be billed)")
+        err.exit_code = code
+        return err
     if not record.get("sent") and record["state"] not in FINISHED_STATES:
         record = cancel_worker(start.files, record, mode="unless-sent")
     if record["state"] == "cancelled" and not record.get("sent"):

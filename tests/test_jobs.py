@@ -148,6 +148,9 @@ def test_a_signal_before_the_upload_is_complete_cancels_the_job_and_nothing_is_b
     assert (only_record(state)["state"], only_record(state)["sent"]) == ("cancelled", False)
     time.sleep(api.stall_upload)
     assert api.requests == [] and not (isolated / "out.png").exists()
+    api.stall_upload = 0
+    again = run(env, "-p", "edit it", "-i", "big.png", "-f", "out.png")     # cancelled: sent anew
+    assert (again.returncode, again.stdout, len(api.requests)) == (0, b"out.png\n", 1), again.stderr.decode()
 
 
 def test_detach_returns_at_once_and_attach_reports_the_job_as_its_own(
@@ -380,3 +383,49 @@ def test_the_state_folder_is_private(online: CliRunner, state: Path) -> None:
     assert online("-p", "cat").code == 0
     if os.name != "nt":
         assert state.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("setup, message", [
+    pytest.param(lambda state: (state.mkdir(), (state / "jobs.lock").mkdir()), "the state folder", id="lock-is-a-folder"),
+    pytest.param(lambda state: state.write_text("a file"), "the state folder", id="state-is-a-file"),
+])
+def test_an_unusable_state_folder_is_one_line_and_exit_2(online: CliRunner, api: FakeImagesAPI, state: Path,
+                                                         setup: Callable[[Path], Any], message: str) -> None:
+    setup(state)
+    run = online("-p", "cat", "-f", "cat.png")
+    assert run.code == gi.EXIT_USAGE and api.requests == []
+    assert run.err.splitlines()[-2].startswith(f"generate_image.py: error: {message}")
+    assert run.err.splitlines()[-1] == "hint: set APIYI_STATE_DIR to a writable folder of your own"
+
+
+def test_a_mistyped_worker_switch_is_refused(online: CliRunner, api: FakeImagesAPI,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APIYI_WORKER", "thread")
+    run = online("-p", "cat")
+    assert run.code == gi.EXIT_USAGE and api.requests == []
+    assert "APIYI_WORKER='thread' is not one of process, inprocess, unavailable" in run.err
+
+
+def test_an_answer_without_images_is_kept_aside_and_does_not_block_the_next_run(
+        online: CliRunner, api: FakeImagesAPI, state: Path) -> None:
+    api.queue(Reply(body={"error": {"message": "upstream busy"}}))
+    first = online("-p", "cat", "-f", "cat.png")
+    assert first.code == gi.EXIT_UNAVAILABLE and "upstream busy" in first.err
+    [kept] = state.glob("*.answer")
+    assert b"upstream busy" in kept.read_bytes() and not list(state.glob("*.spool"))
+    assert f"the raw answer is kept in {kept}" in online("--list-jobs").out
+    second = online("-p", "cat", "-f", "cat.png")
+    assert (second.code, second.out, len(api.requests)) == (0, "cat.png\n", 2)
+
+
+def test_a_key_echoed_by_the_server_is_in_no_job_file(online: CliRunner, api: FakeImagesAPI, state: Path,
+                                                      isolated: Path) -> None:
+    def echo(request: Recorded) -> Reply:
+        return Reply(status=400, body={"error": {"message": f"bad request from {request.header('Authorization')}"}})
+
+    api.route = echo
+    assert online("-p", "cat", "-f", "cat.png").code == gi.EXIT_REFUSED
+    (isolated / "b.json").write_text(json.dumps(["one"]), encoding="utf-8")
+    assert online("--batch", "b.json").code == gi.EXIT_BATCH_PARTIAL
+    assert "<redacted>" in (isolated / "b.results.jsonl").read_text()
+    assert no_key_in(state) and no_key_in(isolated)

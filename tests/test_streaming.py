@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 from pathlib import Path
@@ -15,41 +14,6 @@ from fake_api import FakeImagesAPI, Reply, images_answer, make_png, sse_event, s
 
 PARTIALS = [make_png(64, 64, rgb=(40 * i, 90, 200)) for i in range(1, 4)]
 FINAL = make_png(1024, 1024, rgb=(250, 250, 250))
-
-
-def feed_in_pieces(raw: bytes, size: int) -> list[tuple[str, bytes]]:
-    """Events as the spooled parser finds them, each data span read back from the 'spool'."""
-    parser, spool, events = gi.EventSpanParser(), io.BytesIO(raw), []
-    for start in range(0, len(raw), size):
-        events += parser.feed(raw[start:start + size], start)
-    return [(name, b"\n".join(gi.read_span(spool, span) for span in spans))
-            for name, spans in events + parser.finish()]
-
-
-@pytest.mark.parametrize("raw, expected", [
-    pytest.param(b"event: a\ndata: 1\n\n", [("a", b"1")], id="lf"),
-    pytest.param(b"event: a\r\ndata: 1\r\n\r\n", [("a", b"1")], id="crlf"),
-    pytest.param(b"event: a\rdata: 1\r\r", [("a", b"1")], id="cr"),
-    pytest.param(b"data: {\ndata: \"k\": 2}\n\n", [("message", b"{\n\"k\": 2}")], id="multi-line-data"),
-    pytest.param(b": keep-alive\n\n:comment\ndata:x\n\n", [("message", b"x")], id="comments-no-space"),
-    pytest.param(b"event: lonely\n\ndata: y\n\n", [("message", b"y")], id="event-without-data-is-dropped"),
-    pytest.param(b"id: 7\nretry: 100\ndata: z\n\n", [("message", b"z")], id="other-fields-ignored"),
-    pytest.param(b"data: last\n", [("message", b"last")], id="no-blank-line-at-the-end"),
-    pytest.param(b"data: a\n\ndata: [DONE]\n\n", [("message", b"a"), ("message", b"[DONE]")], id="done"),
-    pytest.param("data: 中文\r\n\r\n".encode(), [("message", "中文".encode())], id="utf8"),
-])
-def test_event_stream_parser_whatever_the_read_boundaries(raw: bytes, expected: list) -> None:
-    for size in range(1, len(raw) + 1):
-        assert feed_in_pieces(raw, size) == expected, f"pieces of {size} bytes"
-
-
-def test_parser_keeps_only_the_position_of_a_large_base64_line() -> None:
-    data = b"A" * 3_000_000
-    raw = b"data: " + data + b"\r\n\r\n"
-    parser = gi.EventSpanParser()
-    events = [event for start in range(0, len(raw), 65536) for event in parser.feed(raw[start:start + 65536], start)]
-    assert events == [("message", [(6, 6 + len(data))])]
-    assert len(parser.head) == 0
 
 
 @pytest.mark.parametrize("partials", [0, 1, 3])
