@@ -160,6 +160,7 @@ def test_detach_returns_at_once_and_attach_reports_the_job_as_its_own(
     document = json.loads(detached.stdout)
     assert (detached.returncode, document["ok"], document["state"]) == (0, True, "starting")
     assert document["job"] == only_record(state)["id"] and not (state.parent / "work" / "cat.png").exists()
+    assert only_record(state)["state"] not in gi.FINISHED_STATES  # run() read stdout to its end: no worker holds it
     attached = run(env, "--attach", "last", "--json")
     assert attached.returncode == 0, attached.stderr.decode()
     assert json.loads(attached.stdout)["files"][0]["path"] == "cat.png"
@@ -429,3 +430,18 @@ def test_a_key_echoed_by_the_server_is_in_no_job_file(online: CliRunner, api: Fa
     assert online("--batch", "b.json").code == gi.EXIT_BATCH_PARTIAL
     assert "<redacted>" in (isolated / "b.results.jsonl").read_text()
     assert no_key_in(state) and no_key_in(isolated)
+
+
+def test_old_finished_jobs_are_pruned_but_an_unsaved_answer_never(online: CliRunner, state: Path) -> None:
+    assert online("-p", "old cat").code == 0 and online("-p", "old dog").code == 0
+    old, unsaved = sorted(records(state), key=lambda r: r["created_at"])
+    for record in (old, unsaved):
+        record["updated_at"] -= gi.JOB_KEEP_S + 1
+        (state / f"{record['id']}.json").write_text(json.dumps(record))
+    (state / f"{unsaved['id']}.spool").write_bytes(b"{}")
+    (state / f"{old['id']}.answer").write_bytes(b"{}")
+    run = online("-p", "new cat")
+    assert run.code == 0
+    assert f"removed {state / (old['id'] + '.answer')}, the raw answer of a job that ended 7 days ago" in run.err
+    assert sorted(r["prompt"] for r in records(state)) == ["new cat", "old dog"]
+    assert not list(state.glob(f"{old['id']}.*"))
