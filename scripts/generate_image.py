@@ -53,6 +53,14 @@ exit codes:
 
 from __future__ import annotations
 
+import sys
+
+# Before anything an older Python cannot run: one line and exit 2, as for any other bad input.
+if sys.version_info < (3, 9):
+    sys.stderr.write("generate_image.py: error: needs Python 3.9 or newer (this is Python %d.%d)\n"
+                     "hint: install a newer Python from https://www.python.org/downloads/\n" % sys.version_info[:2])
+    raise SystemExit(2)
+
 import argparse
 import binascii
 import contextlib
@@ -62,7 +70,6 @@ import json
 import math
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -124,7 +131,13 @@ QUOTA_ERROR_CODE = "insufficient_quota"
 
 READ_CHUNK = 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
-ERROR_EXCERPT_CHARS = 200
+# What a server may send, from the largest legitimate answer: a 3840x2160 RGBA PNG stored without
+# compression is 33.2 MB (44.2 MB as base64); an answer holds n of them (each preview of a stream is
+# one more) and some JSON. Past these caps the answer is refused, never held or written whole.
+MAX_IMAGE_BYTES = MAX_PIXELS * 4 + 1024 * 1024
+MAX_IMAGE_BASE64 = MAX_IMAGE_BYTES * 4 // 3 + 4
+ANSWER_JSON_ROOM = 1024 * 1024
+ERROR_EXCERPT_CHARS = 300
 PROGRESS_TTY_INTERVAL_S = 1.0
 PROGRESS_LOG_INTERVAL_S = 15.0
 FALLBACK_FOLDER = "apiyi-gpt-image-2"
@@ -403,6 +416,7 @@ class Transfer:
     """Where a job's answer goes and who hears how far it got (the worker's record)."""
 
     spool: Optional[IO[bytes]] = None           # a 2xx body is written here as it arrives
+    limit: int = MAX_IMAGE_BYTES                # the most a 2xx answer may hold (bytes)
     on_stage: Callable[[str], None] = lambda stage: None   # "sent", then "receiving"
     on_preview: Optional[Callable[[Any], None]] = None          # a PreviewSink
 
@@ -630,15 +644,17 @@ def read_image_info(path: Path) -> Optional[ImageInfo]:
 
 
 def image_info_from_stream(handle: IO[bytes]) -> Optional[ImageInfo]:
+    """None also for a header cut short or a size of zero: what cannot be shown is not an image."""
     head = handle.read(32)
-    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
-        return ImageInfo("png", int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return webp_info(head)
-    if head.startswith(b"\xff\xd8\xff"):
+    info = None
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR" and len(head) >= 24:
+        info = ImageInfo("png", int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) >= 30:
+        info = webp_info(head)
+    elif head.startswith(b"\xff\xd8\xff"):
         handle.seek(2)
-        return jpeg_info(handle)
-    return None
+        info = jpeg_info(handle)
+    return info if info and info.width > 0 and info.height > 0 else None
 
 
 def webp_info(head: bytes) -> Optional[ImageInfo]:
@@ -676,6 +692,8 @@ def jpeg_info(handle: IO[bytes]) -> Optional[ImageInfo]:
         if len(header) < 2:
             return None
         length = int.from_bytes(header, "big")
+        if length < 2:
+            return None         # a segment length counts its own two bytes: less is garbage
         if marker in JPEG_SOF_MARKERS:
             frame = handle.read(5)
             if len(frame) < 5:
@@ -871,6 +889,14 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
                     warnings=tuple(warnings))
 
 
+def parse_json(raw: Union[str, bytes, bytearray]) -> Any:
+    """json.loads for what others wrote: nesting too deep for the parser is bad JSON, not a crash."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+
+
 def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
     """The description, the global settings and the raw items of a JSON, JSONL or bare-list file."""
     try:
@@ -880,7 +906,7 @@ def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
     except UnicodeDecodeError as err:
         raise UsageError(f"--batch {path} is not UTF-8 (byte {err.start})", hint="save it as UTF-8") from None
     try:
-        document = json.loads(text)
+        document = parse_json(text)
     except ValueError as err:
         document = parse_jsonl(text, path, err)
     if isinstance(document, list):
@@ -908,7 +934,7 @@ def parse_jsonl(text: str, path: Path, json_error: ValueError) -> list[Any]:
         if not stripped or stripped.startswith("#"):
             continue
         try:
-            items.append(json.loads(stripped))
+            items.append(parse_json(stripped))
         except ValueError as err:
             failure = err if items else json_error
             where = f"line {number}" if items else "it"
@@ -1039,7 +1065,7 @@ def read_manifest(manifest: Path) -> tuple[list[dict[str, Any]], list[str]]:
     records, warnings = [], []
     for number, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except ValueError:
             if line.strip():
                 warnings.append(f"line {number} of {manifest} is incomplete (a crash while writing it?); ignored")
@@ -1279,39 +1305,62 @@ def body_pieces(body: Union[bytes, MultipartBody], on_stage: Callable[[str], Non
     on_stage("sent")
 
 
-def read_body(response: Any, *, deadline: float, limit: Optional[int] = None) -> bytearray:
-    """Read piece by piece (read1: one network read each) so the total --timeout holds even
-    while data trickles in; with a Content-Length the buffer is allocated once."""
+def read_body(response: Any, *, deadline: float, limit: int, what: str = "") -> bytes:
+    """Read piece by piece (read1: one network read each) so the total --timeout holds even while
+    data trickles in, never past limit: more is cut off, or, when `what` names it, refused."""
     read_piece = getattr(response, "read1", response.read)
-    length = response.headers.get("Content-Length", "")
-    expected = int(length) if length.isdigit() and limit is None else 0
-    buffer, position = bytearray(expected), 0
-    while limit is None or position < limit:
+    expected = announced_length(response, limit=limit, what=what)
+    pieces, position = [], 0
+    while position < limit:
         check_deadline(deadline)
-        piece = read_piece(READ_CHUNK)
+        piece = read_piece(min(READ_CHUNK, limit - position))
         if not piece:
             break
-        buffer[position:position + len(piece)] = piece
+        pieces.append(piece)
         position += len(piece)
-    if position < expected:
+    if what and position >= limit and read_piece(1):
+        raise too_large(what, limit)
+    if expected is not None and position < min(expected, limit):
         raise ConnectionResetError("the connection closed before the whole answer arrived")
-    del buffer[position:]
-    return buffer
+    return b"".join(pieces)
 
 
-def copy_body(response: Any, out: IO[bytes], *, deadline: float) -> int:
-    """Write the body to out piece by piece as it arrives; the whole answer is never in memory."""
+def announced_length(response: Any, *, limit: int, what: str) -> Optional[int]:
+    """The Content-Length, if it is a plain number; one above the cap is refused before reading."""
+    text = (response.headers.get("Content-Length") or "").strip()
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        raise ServiceError(f"the server sent a Content-Length that is not a number: {clean_text(text)[:40]!r}",
+                           hint="the gateway is broken; retry later")
+    if what and int(text) > limit:
+        raise too_large(what, limit, announced=int(text))
+    return int(text)
+
+
+def too_large(what: str, limit: int, *, announced: int = 0) -> ServiceError:
+    size = f"announces {announced:,} bytes" if announced else "goes on"
+    return ServiceError(f"{what} {size}, past the {limit:,} bytes it can legitimately need; it was not kept",
+                        kind="too_large", hint="the gateway is broken or hostile; the request was probably "
+                                               "billed, and retrying buys a new image")
+
+
+def copy_body(response: Any, out: IO[bytes], *, deadline: float, limit: int) -> int:
+    """Write the body to out piece by piece as it arrives; the whole answer is never in memory,
+    and never more of it than limit."""
     read_piece = getattr(response, "read1", response.read)
-    length = response.headers.get("Content-Length", "")
+    expected = announced_length(response, limit=limit, what="the answer")
     written = 0
     while True:
         check_deadline(deadline)
         piece = read_piece(SPOOL_PIECE)
         if not piece:
             break
-        out.write(piece)
         written += len(piece)
-    if length.isdigit() and written < int(length):
+        if written > limit:
+            raise too_large("the answer", limit)
+        out.write(piece)
+    if expected is not None and written < expected:
         raise ConnectionResetError("the connection closed before the whole answer arrived")
     out.flush()
     return written
@@ -1334,18 +1383,21 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
     import socket
     import urllib.error
 
-    deadline, sent = time.monotonic() + timeout_s, []
+    sent: list[float] = []      # when the last byte went out: --timeout counts from there
 
     def on_stage(stage: str) -> None:
-        sent.extend([True] if stage == "sent" else [])
+        sent.extend([time.monotonic()] if stage == "sent" else [])
         transfer.on_stage(stage)
+
+    def deadline() -> float:
+        return (sent[0] if sent else time.monotonic()) + timeout_s
 
     try:
         with open_url(request, timeout_s=timeout_s, follow_redirects=follow_redirects, on_stage=on_stage) as response:
             transfer.on_stage("receiving")
-            return read_answer(response, transfer, deadline=deadline)
+            return read_answer(response, transfer, deadline=deadline())
     except urllib.error.HTTPError as err:
-        return HttpResponse(err.code, lowercase_headers(err.headers), read_error_body(err, deadline=deadline))
+        return HttpResponse(err.code, lowercase_headers(err.headers), read_error_body(err, deadline=deadline()))
     except urllib.error.URLError as err:
         if sent:    # urllib wraps what failed after the last byte went out: never a retry
             raise MaybeBilledError(f"the connection to {host_of(request.url)} failed after the request was "
@@ -1441,9 +1493,11 @@ def read_span(handle: IO[bytes], span: tuple[int, int]) -> bytes:
     return data
 
 
-def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, *, deadline: float) -> None:
+def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, *, deadline: float,
+                      limit: int) -> None:
     """The stream goes to the spool as it arrives; each preview is decoded from the spool once its
-    event ends, and an error event raises. The final image stays in the spool for the save."""
+    event ends, and an error event raises. The final image stays in the spool for the save. Neither
+    the stream nor one line of it may pass what an image can need."""
     parser, read_piece = EventSpanParser(), getattr(response, "read1", response.read)
     completed, ended = 0, False
     while not ended:
@@ -1451,6 +1505,10 @@ def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, 
         piece = read_piece(SPOOL_PIECE)
         spool.seek(0, os.SEEK_END)
         offset = spool.tell()
+        if offset + len(piece) > limit:
+            raise too_large("the stream", limit)
+        if offset + len(piece) - parser.line_start > MAX_IMAGE_BASE64 + ANSWER_JSON_ROOM:
+            raise too_large("one event of the stream", MAX_IMAGE_BASE64 + ANSWER_JSON_ROOM)
         spool.write(piece)
         ended = not piece
         for name, spans in parser.feed(piece, offset) if piece else parser.finish():
@@ -1507,7 +1565,7 @@ def decode_stream_event(name: str, skeleton: bytes) -> tuple[str, dict[str, Any]
     if skeleton.strip() == b"[DONE]":
         return "done", {}
     try:
-        event = json.loads(skeleton)
+        event = parse_json(skeleton)
     except ValueError:
         raise ServiceError(f"the stream sent an event that is not JSON: {body_excerpt(skeleton)}",
                            hint="retry without --stream") from None
@@ -1526,20 +1584,21 @@ def read_answer(response: Any, transfer: Transfer, *, deadline: float) -> HttpRe
     previews) or a JSON body. Without a spool (an image download) it is read into memory."""
     headers = lowercase_headers(response.headers)
     if transfer.spool is None:
-        return HttpResponse(response.status, headers, read_body(response, deadline=deadline))
+        body = read_body(response, deadline=deadline, limit=transfer.limit, what="the image download")
+        return HttpResponse(response.status, headers, body)
     transfer.spool.seek(0)
     transfer.spool.truncate()
     if transfer.on_preview and headers.get("content-type", "").startswith("text/event-stream"):
-        copy_event_stream(response, transfer.spool, transfer.on_preview, deadline=deadline)
+        copy_event_stream(response, transfer.spool, transfer.on_preview, deadline=deadline, limit=transfer.limit)
         return HttpResponse(response.status, headers, b"", spooled=True, streamed=True)
-    copy_body(response, transfer.spool, deadline=deadline)
+    copy_body(response, transfer.spool, deadline=deadline, limit=transfer.limit)
     return HttpResponse(response.status, headers, b"", spooled=True)
 
 
 def stream_error(event: Mapping[str, Any]) -> ToolError:
     """An error event: refused (exit 4) when the request itself was at fault, else the service (5)."""
     error = event.get("error") if isinstance(event.get("error"), dict) else event
-    message = str(error.get("message") or event.get("error") or "the stream reported an error")
+    message = body_excerpt(str(error.get("message") or event.get("error") or "the stream reported an error"))
     kind, code = str(error.get("type") or ""), str(error.get("code") or "")
     refused = kind in ("invalid_request_error", "image_generation_user_error") or \
         code in ("moderation_blocked", "content_policy_violation")
@@ -1561,8 +1620,8 @@ def read_error_body(error: Any, *, deadline: float) -> bytes:
     import http.client
 
     try:
-        return bytes(read_body(error, deadline=deadline, limit=ERROR_BODY_LIMIT)) if error.fp else b""
-    except (OSError, http.client.HTTPException):
+        return read_body(error, deadline=deadline, limit=ERROR_BODY_LIMIT) if error.fp else b""
+    except (OSError, http.client.HTTPException, ServiceError):
         return b""
 
 
@@ -1707,7 +1766,7 @@ def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callab
 
 def parse_error_body(body: Union[bytes, bytearray]) -> dict[str, Any]:
     try:
-        payload = json.loads(bytes(body).decode("utf-8", "replace"))
+        payload = parse_json(bytes(body).decode("utf-8", "replace"))
     except ValueError:
         return {}
     error = payload.get("error") if isinstance(payload, dict) else None
@@ -1716,8 +1775,19 @@ def parse_error_body(body: Union[bytes, bytearray]) -> dict[str, Any]:
     return {"message": error} if isinstance(error, str) else {}
 
 
-def body_excerpt(body: Union[bytes, bytearray]) -> str:
-    text = re.sub(r"<[^>]*>", " ", bytes(body[:4096]).decode("utf-8", "replace"))
+# Terminal escape sequences (CSI, OSC) and other control characters a server could send to the console.
+CONTROL_TEXT = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x1f\x7f-\x9f]")
+
+
+def clean_text(text: str) -> str:
+    """Server text as it may be shown: no escape sequences, no control characters."""
+    return CONTROL_TEXT.sub(" ", text)
+
+
+def body_excerpt(body: Union[bytes, bytearray, str]) -> str:
+    """Server text shortened for one line: tags and control characters out, base64 never shown."""
+    raw = body[:4096] if isinstance(body, str) else bytes(body[:4096]).decode("utf-8", "replace")
+    text = re.sub(r"[A-Za-z0-9+/=]{200,}", "[base64]", re.sub(r"<[^>]*>", " ", clean_text(raw)))
     text = re.sub(r"\s+", " ", text).strip()
     return text[:ERROR_EXCERPT_CHARS] + ("..." if len(text) > ERROR_EXCERPT_CHARS else "")
 
@@ -1755,7 +1825,7 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
     if 300 <= status < 400:
         text = f"redirected to {response.headers.get('location', '(no location)')}"
     else:
-        text = str(error.get("message") or "") or body_excerpt(response.body) or "(empty body)"
+        text = body_excerpt(str(error.get("message") or "")) or body_excerpt(response.body) or "(empty body)"
     message = f"HTTP {status}: {text}" + (f" ({', '.join(details)})" if details else "")
     cls: type[ToolError] = ServiceError
     if is_account_problem(status, code):
@@ -1779,7 +1849,7 @@ DATA_URL_LIMIT = 256  # the longest data:image/...;base64, prefix looked for
 
 def load_json_object(raw: Union[bytes, bytearray]) -> dict[str, Any]:
     try:
-        payload = json.loads(raw)
+        payload = parse_json(raw)
     except ValueError:
         raise ServiceError(f"the answer is not JSON: {body_excerpt(raw)}", hint="retry later") from None
     if not isinstance(payload, dict):
@@ -2271,6 +2341,12 @@ class Received:
     preview_paths: tuple[Path, ...] = ()
 
 
+def answer_cap(job: ImageJob) -> int:
+    """The largest answer this request can legitimately get: n images, each preview one more."""
+    images = job.n * (1 + int(job.fields.get("partial_images", 0)))
+    return images * (MAX_IMAGE_BASE64 + ANSWER_JSON_ROOM) + ANSWER_JSON_ROOM
+
+
 def fetch_answer(job: ImageJob, config: ApiConfig, *, spool: Path, emit: Emit,
                  on_stage: Callable[[str], None], gate: Optional[Gate] = None) -> Received:
     """Send with retries until a 2xx answer is in the spool; a streamed answer is spooled as the JSON
@@ -2280,7 +2356,8 @@ def fetch_answer(job: ImageJob, config: ApiConfig, *, spool: Path, emit: Emit,
     previews = PreviewWriter(job, emit, started) if job.streamed else None
     try:
         with open(spool, "w+b") as handle:
-            transfer = Transfer(spool=handle, on_stage=on_stage, on_preview=previews.save if previews else None)
+            transfer = Transfer(spool=handle, limit=answer_cap(job), on_stage=on_stage,
+                                on_preview=previews.save if previews else None)
             response = send_with_retries(request, config, notify=lambda text: emit("retry", message=text),
                                          gate=gate, transfer=transfer)
             if not 200 <= response.status < 300:
@@ -2318,8 +2395,10 @@ def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
              config: ApiConfig) -> tuple[list[SavedImage], list[str], Optional[ToolError]]:
     """Save every image that decodes; a bad one does not cost the good ones. A failure to write
     anywhere (save_failed) is raised: the spool keeps the answer for a later attach."""
-    targets = output_paths(job.output, max(job.n, len(sources)))
-    saved, warnings, problem = [], [], None
+    targets = output_paths(job.output, job.n)
+    saved, problem = [], None
+    warnings = [f"the answer held {len(sources)} images but {job.n} were asked for: only the first "
+                f"{job.n} are saved"] if len(sources) > job.n else []
     with open(spool, "rb") as handle:
         for source, target in zip(sources, targets):
             try:
@@ -2534,7 +2613,7 @@ def error_from_document(document: Mapping[str, Any]) -> ToolError:
 def read_record(path: Path) -> Optional[dict[str, Any]]:
     """None when missing, or caught mid-replace on Windows (the next poll reads it)."""
     try:
-        record = json.loads(path.read_bytes())
+        record = parse_json(path.read_bytes())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("id") else None
@@ -2757,7 +2836,7 @@ class JobWorker:
             self.record.update(changes)
             write_record(self.files, self.record, secret=self.key)
 
-    def emit(self, event: str, /, **fields: Any) -> None:
+    def emit(self, event: str, **fields: Any) -> None:
         line = json.dumps({"event": event, "at": round(time.time(), 3), **fields}, ensure_ascii=False)
         with self.lock, open(self.files.events, "a", encoding="utf-8", newline="\n") as handle:
             handle.write(redact(line, self.key) + "\n")
@@ -3060,7 +3139,7 @@ class Console:
             self._live = True
             self._write(sys.stderr, "\r" + text.ljust(60))
 
-    def event(self, name: str, /, **fields: Any) -> None:
+    def event(self, name: str, **fields: Any) -> None:
         """One JSON line on stderr with --events; t counts seconds from this command's start."""
         if self.events_mode:
             line = {"event": name, "t": round(time.monotonic() - self.started, 3), **fields}
@@ -3167,7 +3246,7 @@ class JobWatch:
         events = []
         for line in complete.splitlines():
             with contextlib.suppress(ValueError):       # a line torn by a killed worker says nothing
-                event = json.loads(line)
+                event = parse_json(line)
                 events.append(event) if isinstance(event, dict) and "event" in event else None
         return events
 

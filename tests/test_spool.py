@@ -337,7 +337,8 @@ def test_a_spooled_event_stream_gives_each_preview_as_it_ends_then_the_final_ima
 
     spool = tmp_path / "answer.spool"
     with open(spool, "w+b") as handle:
-        gi.copy_event_stream(io.BufferedReader(io.BytesIO(raw), buffer_size=333), handle, preview, deadline=1e18)
+        gi.copy_event_stream(io.BufferedReader(io.BytesIO(raw), buffer_size=333), handle, preview, deadline=1e18,
+                             limit=10**8)
     assert spool.read_bytes() == raw and previews == partials
     meta, sources = gi.read_spooled_answer(spool, streamed=True)
     assert (meta["usage"]["total_tokens"], meta["data"][0]["type"]) == (4210, "image_generation.completed")

@@ -1,0 +1,127 @@
+"""Hostile servers and odd answers: every read is capped, nothing crashes, messages are clean."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import generate_image as gi
+from conftest import CliRunner
+from fake_api import FakeImagesAPI, Reply, images_answer, make_png, sse_images, stream_reply
+from test_subprocess import find_python
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_image.py"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def no_leftovers(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.suffix in (".png", ".spool", ".part")]
+
+
+@pytest.mark.parametrize("reply, message", [
+    pytest.param(Reply(body=b"{}", headers={"Content-Length": str(10 ** 12)}),
+                 "the answer announces 1,000,000,000,000 bytes, past the", id="content-length-far-above-the-cap"),
+    pytest.param(Reply(body=b"{}", headers={"Content-Length": "\u00b2"}),
+                 "the server sent a Content-Length that is not a number", id="content-length-not-ascii-digits"),
+    pytest.param(Reply(body=b"[" * 100_000 + b"]" * 100_000), "the answer is not JSON", id="json-nested-too-deep"),
+    pytest.param(Reply(body=b"\xff\xfe{\"data\": []}"), "the answer is not JSON", id="not-utf-8"),
+    pytest.param(Reply(body=b"\x1f\x8b\x08\x00junk", headers={"Content-Encoding": "gzip"}), "the answer is not JSON",
+                 id="gzip-body"),
+])
+def test_unusable_answers_are_one_line_exit_5_and_leave_nothing(online: CliRunner, api: FakeImagesAPI,
+                                                                 isolated: Path, tmp_path: Path,
+                                                                 reply: Reply, message: str) -> None:
+    api.queue(reply)
+    run = online("-p", "cat", "-f", "cat.png")
+    assert run.code == gi.EXIT_UNAVAILABLE, run.err
+    assert message in run.err and "Traceback" not in run.err
+    assert len(api.requests) == 1 and no_leftovers(isolated) and not list((tmp_path / "state").glob("*.spool"))
+
+
+@pytest.mark.parametrize("image", [
+    pytest.param(b"RIFF\x0c\x00\x00\x00WEBPVP8L\x00\x00", id="webp-of-20-bytes"),
+    pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00IHDR", id="png-with-an-empty-ihdr"),
+    pytest.param(make_png(1, 1)[:16] + b"\x00" * 8 + make_png(1, 1)[24:], id="png-of-zero-pixels"),
+    pytest.param(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9", id="jpeg-no-frame"),
+    pytest.param(b"\xff\xd8\xff\xe1\x00\x00\xff\xe1\x00\x00", id="jpeg-segment-of-length-zero"),
+])
+def test_garbled_images_are_refused_not_crashed_on(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                   image: bytes) -> None:
+    api.queue(Reply(body=images_answer([image])))
+    run = online("-p", "cat", "-f", "cat.png")
+    assert run.code == gi.EXIT_UNAVAILABLE
+    assert "the answer's image is not a PNG, JPEG or WebP" in run.err and "Traceback" not in run.err
+    assert not list(isolated.glob("*.png"))
+
+
+def test_an_answer_past_its_cap_is_refused_while_it_streams_in(online: CliRunner, api: FakeImagesAPI,
+                                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(gi, "MAX_IMAGE_BASE64", 4000)
+    monkeypatch.setattr(gi, "ANSWER_JSON_ROOM", 1000)
+    api.queue(stream_reply([b'{"data": [{"b64_json": "' + b"A" * 4000, b"A" * 4000, b'"}]}']))
+    run = online("-p", "cat", "-f", "cat.png")
+    assert run.code == gi.EXIT_UNAVAILABLE
+    assert "the answer goes on, past the 6,000 bytes it can legitimately need; it was not kept" in run.err
+    assert "probably billed, and retrying buys a new image" in run.err
+    assert not list((tmp_path / "state").glob("*.spool"))
+
+
+def test_a_stream_event_past_its_cap_is_refused(online: CliRunner, api: FakeImagesAPI,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gi, "MAX_IMAGE_BASE64", 3000)
+    monkeypatch.setattr(gi, "ANSWER_JSON_ROOM", 1000)
+    api.queue(stream_reply(sse_images([], make_png(256, 256)) + [b"data: " + b"B" * 5000]))
+    run = online("-p", "cat", "-f", "cat.png", "--stream", "--partial-images", "1")
+    assert run.code == gi.EXIT_UNAVAILABLE and "one event of the stream goes on" in run.err
+
+
+def test_more_images_than_asked_are_not_saved(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    api.queue(Reply(body=images_answer([make_png(64, 64)] * 3)))
+    run = online("-p", "cat", "-f", "cat.png")
+    assert (run.code, run.out) == (0, "cat.png\n")
+    assert "warning: the answer held 3 images but 1 were asked for: only the first 1 are saved" in run.err
+    assert sorted(p.name for p in isolated.iterdir()) == ["cat.png"]
+
+
+def test_server_text_in_errors_is_cleaned_and_short(online: CliRunner, api: FakeImagesAPI) -> None:
+    message = "\x1b[31mbad\x1b]0;owned\x07 request\r\n" + b64(make_png(64, 64)) * 20
+    api.queue(Reply(status=400, body={"error": {"message": message, "code": "bad"}}))
+    run = online("-p", "cat")
+    error_line = next(line for line in run.err.splitlines() if line.startswith("generate_image.py: error"))
+    assert error_line.startswith("generate_image.py: error: HTTP 400: bad request [base64]")
+    assert "\x1b" not in run.err and "\x07" not in run.err and len(error_line) < 420
+
+
+def test_an_error_body_is_read_to_64_kib_at_most(online: CliRunner, api: FakeImagesAPI) -> None:
+    api.queue(Reply(status=500, body=b"<html>" + b"x" * 5_000_000), Reply(status=500, body=b"short"),
+              Reply(status=500, body=b"short"))
+    run = online("-p", "cat", "--retries", "2")
+    assert run.code == gi.EXIT_UNAVAILABLE and "HTTP 500: short" in run.err
+
+
+def test_too_many_headers_after_sending_is_exit_6(online: CliRunner, api: FakeImagesAPI) -> None:
+    api.queue(Reply(body=b"{}", headers={f"X-Junk-{i}": "1" for i in range(150)}))
+    run = online("-p", "cat")
+    assert run.code == gi.EXIT_MAYBE_BILLED and "got more than 100 headers" in run.err
+
+
+@pytest.mark.parametrize("version", ["3.7", "3.8"])
+def test_an_older_python_is_told_to_upgrade(version: str) -> None:
+    python = find_python(version)
+    if not python:
+        pytest.skip(f"CPython {version} is not installed here")
+    done = subprocess.run([python, "-I", "-S", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"generate_image.py: error: needs Python 3.9 or newer (this is Python {version})")
+
+
+def test_deep_json_in_a_batch_file_is_exit_2(online: CliRunner, isolated: Path, api: FakeImagesAPI) -> None:
+    (isolated / "b.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    run = online("--batch", "b.json")
+    assert run.code == gi.EXIT_USAGE and "nested too deeply" in run.err and api.requests == []
