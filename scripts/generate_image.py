@@ -1152,7 +1152,16 @@ def check_base_url(text: str) -> tuple[str, list[str]]:
     from urllib.parse import urlsplit
 
     url = text.strip().rstrip("/")
-    parts = urlsplit(url)
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise UsageError(f"--base-url {url!r} holds spaces or control characters", hint=f"e.g. {DEFAULT_BASE_URL}")
+    try:
+        parts = urlsplit(url)
+        parts.port   # noqa: B018 (urllib checks the port only when asked: a bad one is found here)
+    except ValueError as err:
+        raise UsageError(f"--base-url {url!r} is not a usable URL: {err}", hint=f"e.g. {DEFAULT_BASE_URL}") from None
+    if parts.username is not None or parts.password is not None:
+        raise UsageError("--base-url holds a user name or password; the key goes in APIYI_API_KEY or -k",
+                         hint="give the URL without user:password@")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--base-url {text!r} is not an http(s) URL", hint=f"e.g. {DEFAULT_BASE_URL}")
     if parts.query or parts.fragment:
@@ -1185,8 +1194,25 @@ def resolve_api_key(flag: Optional[str], env: Mapping[str, str], *, required: bo
     return key, warnings
 
 
+def check_proxy(base_url: str, *, allowed: bool) -> None:
+    """A plain-http base URL through an HTTP proxy hands the proxy the key in clear text. (https goes
+    through a proxy as a CONNECT tunnel, which the proxy cannot read; loopback never uses one.)"""
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    host = urlsplit(base_url).hostname or ""
+    if not base_url.startswith("http://") or is_loopback_host(host) or allowed:
+        return
+    proxy = urllib.request.getproxies().get("http")
+    if proxy and not urllib.request.proxy_bypass(host):
+        raise UsageError(f"--base-url {base_url} is plain http and an HTTP proxy is set: the proxy would read the "
+                         "API key", hint="use https, add the host to NO_PROXY, or pass --allow-http-proxy if you "
+                                         "trust the proxy")
+
+
 def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[ApiConfig, list[str]]:
     base_url, url_warnings = check_base_url(args.base_url or env.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
+    check_proxy(base_url, allowed=args.allow_http_proxy)
     key, key_warnings = resolve_api_key(args.api_key, env, required=not args.dry_run)
     return ApiConfig(base_url, key, args.timeout, args.retries), url_warnings + key_warnings
 
@@ -1289,7 +1315,10 @@ def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool,
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
             return None
 
-    opener = urllib.request.build_opener(*([] if follow_redirects else [RefuseRedirects()]))
+    handlers: list[Any] = [] if follow_redirects else [RefuseRedirects()]
+    if is_loopback_host(urlsplit_host(request.url)):
+        handlers.append(urllib.request.ProxyHandler({}))   # this machine: no proxy ever sees the key
+    opener = urllib.request.build_opener(*handlers)
     data = body_pieces(request.body, on_stage) if request.body else None
     urllib_request = urllib.request.Request(request.url, data=data, headers=request.headers, method=request.method)
     return opener.open(urllib_request, timeout=timeout_s)
@@ -1632,6 +1661,12 @@ def billed_hint(timeout_s: float) -> str:
 
 def lowercase_headers(headers: Any) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items()} if headers else {}
+
+
+def urlsplit_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
 
 
 def host_of(url: str) -> str:
@@ -4090,6 +4125,9 @@ def build_parser() -> CliParser:
     conn.add_argument("--retries", type=int_in_range(0, MAX_RETRIES), default=DEFAULT_RETRIES, metavar="N",
                       help="retries on connection failure, 408, 409, 429 and 5xx, never after a timeout "
                            "(default %(default)s)")
+    conn.add_argument("--allow-http-proxy", action="store_true",
+                      help="send a plain-http base URL through the HTTP proxy set in the environment (the proxy "
+                           "sees the key); refused without it")
     conn.add_argument("--dry-run", action="store_true",
                       help="check everything and print the request (key redacted); needs no key, sends nothing")
     jobs = parser.add_argument_group(

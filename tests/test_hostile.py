@@ -125,3 +125,45 @@ def test_deep_json_in_a_batch_file_is_exit_2(online: CliRunner, isolated: Path, 
     (isolated / "b.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     run = online("--batch", "b.json")
     assert run.code == gi.EXIT_USAGE and "nested too deeply" in run.err and api.requests == []
+
+
+@pytest.mark.parametrize("url, message", [
+    pytest.param("http://[::1/v1", "is not a usable URL", id="broken-ipv6"),
+    pytest.param("http://host:abc/v1", "is not a usable URL", id="port-not-a-number"),
+    pytest.param("http://host/v 1", "holds spaces or control characters", id="space"),
+    pytest.param("http://host/v1\r\nX-Evil: 1", "holds spaces or control characters", id="crlf"),
+    pytest.param("https://user:secret@api.example/v1", "holds a user name or password", id="credentials"),
+])
+def test_unusable_base_urls_are_exit_2_with_nothing_sent(online: CliRunner, api: FakeImagesAPI, url: str,
+                                                         message: str) -> None:
+    run = online("-p", "cat", "--base-url", url)
+    assert run.code == gi.EXIT_USAGE and message in run.err and api.requests == []
+    assert "secret" not in run.err
+
+
+@pytest.fixture
+def proxy(monkeypatch: pytest.MonkeyPatch) -> FakeImagesAPI:
+    """A 'proxy' on loopback that records what reaches it; NO_PROXY is cleared so it would be used."""
+    with FakeImagesAPI() as server:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", server.url.rsplit("/v1", 1)[0])
+        monkeypatch.setenv("http_proxy", server.url.rsplit("/v1", 1)[0])
+        yield server
+
+
+def test_a_loopback_base_url_never_goes_through_a_proxy(online: CliRunner, api: FakeImagesAPI,
+                                                        proxy: FakeImagesAPI) -> None:
+    assert online("-p", "cat", "-f", "cat.png").code == 0
+    assert len(api.requests) == 1 and proxy.requests == []
+
+
+def test_plain_http_through_an_http_proxy_is_refused_unless_allowed(online: CliRunner, api: FakeImagesAPI,
+                                                                     proxy: FakeImagesAPI) -> None:
+    run = online("-p", "cat", "-f", "cat.png", "--base-url", "http://images.example.invalid/v1")
+    assert run.code == gi.EXIT_USAGE and "an HTTP proxy is set: the proxy would read the API key" in run.err
+    assert proxy.requests == [] and api.requests == []
+    allowed = online("-p", "cat", "-f", "cat.png", "--base-url", "http://images.example.invalid/v1",
+                     "--allow-http-proxy")
+    assert allowed.code == 0, allowed.err
+    assert proxy.requests[0].path == "http://images.example.invalid/v1/images/generations"
