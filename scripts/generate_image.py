@@ -116,6 +116,10 @@ MAX_INPUT_BYTES = 50 * 1024 * 1024
 MAX_MASK_BYTES = 4 * 1024 * 1024
 MIN_N, MAX_N = 1, 10
 MAX_RETRIES = 10
+# A path component may hold 255 bytes on ext4 and APFS (255 UTF-16 units on NTFS): a name must fit
+# with the longest suffix the tool may add (NAME-99999.png, NAME.partial-3.png, NAME.png.json).
+MAX_NAME_BYTES = 255
+LONGEST_FREE_SUFFIX = "-99999"
 
 # Retry policy mirrors the official SDK: 408/409/429/5xx, 0.5 s doubling to 8 s,
 # Retry-After honoured up to 120 s. 524 is left out: the CDN gave up but the
@@ -511,7 +515,17 @@ def setting_converters() -> dict[str, Callable[[str], Any]]:
             "quality": choice_of(QUALITIES), "n": int_in_range(MIN_N, MAX_N),
             "background": choice_of(BACKGROUNDS), "moderation": choice_of(MODERATIONS),
             "output_format": choice_of(OUTPUT_FORMATS + tuple(FORMAT_ALIASES)),
-            "output_compression": int_in_range(0, 100)}
+            "output_compression": int_in_range(0, 100), "filename": name_inside_the_batch}
+
+
+def name_inside_the_batch(text: str) -> str:
+    """A batch item writes inside the batch folder (or --out-dir), whatever the file says."""
+    import posixpath
+
+    normal = posixpath.normpath(text.replace("\\", "/"))    # the same rule on every platform
+    if normal.startswith(("/", "~", "../")) or normal == ".." or re.match(r"^[A-Za-z]:", normal):
+        raise argparse.ArgumentTypeError(f"{text!r} leaves the batch folder; give a name relative to it")
+    return text
 
 
 def parse_size_text(text: str) -> tuple[str, int, int]:
@@ -805,6 +819,27 @@ def prompt_slug(prompt: str, *, max_words: int = 6, max_chars: int = 40) -> str:
     return slug or "image"
 
 
+def names_written(plan: OutputPlan, n: int) -> list[str]:
+    """The longest name of each kind the run may write for this plan."""
+    names = []
+    for path in output_paths(plan, n):
+        longest = f"{path.stem}{LONGEST_FREE_SUFFIX}{path.suffix}"
+        names += [longest, f"{longest}.json" if plan.metadata else longest,
+                  f"{path.stem}.partial-{MAX_PARTIAL_IMAGES}{LONGEST_FREE_SUFFIX}{path.suffix}"]
+    return names
+
+
+def check_name_lengths(plan: OutputPlan, n: int) -> None:
+    """Before sending: a name the file system will refuse would lose a paid image."""
+    for part in [*plan.path.parent.parts, *names_written(plan, n)]:
+        size = len(part.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
+            room = MAX_NAME_BYTES - (size - len(plan.path.name.encode("utf-8", "surrogatepass")))
+            raise UsageError(f"the name {part[:40]}... is {size} bytes; file systems allow {MAX_NAME_BYTES} per "
+                             f"name, with room kept for suffixes like {LONGEST_FREE_SUFFIX}",
+                             hint=f"use a file name of at most {max(room, 16)} bytes (a Chinese character is 3)")
+
+
 def check_output_folder(folder: Path, *, create: bool) -> None:
     """The folder exists (or can be created) and accepts a new file; dry runs create nothing."""
     try:
@@ -879,12 +914,13 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
         images = tuple(check_input_file(p, role="input image", limit=MAX_INPUT_BYTES) for p in args.input_image or ())
     with about("mask"):
         mask = check_mask(args.mask, images[0]) if args.mask else None
+    output = OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials,
+                        auto_named=args.filename is None and default_stem is None)
     with about("filename"):
+        check_name_lengths(output, args.n or 1)
         check_output_folder(path.parent, create=create_folder)
     fields = collect_fields(args, prompt=prompt, size=size, fmt=fmt, format_given=format_given)
-    return ImageJob(prompt=prompt, fields=fields, images=images, mask=mask,
-                    output=OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials,
-                                      auto_named=args.filename is None and default_stem is None),
+    return ImageJob(prompt=prompt, fields=fields, images=images, mask=mask, output=output,
                     notes=(size_note,) if size_note else (),
                     warnings=tuple(warnings))
 
@@ -2139,8 +2175,9 @@ def next_free_path(path: Path) -> Path:
 
 def temporary_beside(target: Path) -> Path:
     """.NAME.JOB-RANDOM.part: the job's id lets the next command clean up after a killed worker
-    without touching another job's file of the same name."""
-    return target.with_name(f".{target.name}.{TEMPORARY_TAG[0]}{random_hex(4)}.part")
+    without touching another job's file of the same name. NAME is cut to 60 characters, so the
+    temporary name fits wherever the final name does."""
+    return target.with_name(f".{target.name[:60]}.{TEMPORARY_TAG[0]}{random_hex(4)}.part")
 
 
 TEMPORARY_TAG = [""]    # "JOBID-" while a worker runs a job (one job per process or command)
@@ -3355,7 +3392,7 @@ def remove_stale_temporaries(files: JobFiles, record: Mapping[str, Any]) -> None
     patterns = [(files.folder, f".{files.job_id}.json.*.part")]
     for target in record.get("targets") or ():
         path = Path(record.get("cwd") or ".") / target
-        name, stem = glob.escape(path.name), glob.escape(path.stem)
+        name, stem = glob.escape(path.name[:60]), glob.escape(path.stem[:60])
         patterns += [(path.parent, f".{name}*.{tag}"), (path.parent, f".{stem}.partial*.{tag}"),
                      (fallback_folder(), f".{name}*.{tag}")]
     for folder, pattern in patterns:

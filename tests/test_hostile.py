@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 from pathlib import Path
 
@@ -167,3 +168,31 @@ def test_plain_http_through_an_http_proxy_is_refused_unless_allowed(online: CliR
                      "--allow-http-proxy")
     assert allowed.code == 0, allowed.err
     assert proxy.requests[0].path == "http://images.example.invalid/v1/images/generations"
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["-f", "图" * 84 + ".png"], "is 262 bytes; file systems allow 255", id="chinese-name-too-long"),
+    pytest.param(["-f", "a" * 245 + ".png"], "file systems allow 255", id="no-room-for-name-2"),
+    pytest.param(["-f", "x" * 240 + ".png", "--metadata"], "file systems allow 255", id="no-room-for-the-sidecar"),
+    pytest.param(["-f", "d" * 256 + "/cat.png"], "file systems allow 255", id="folder-name-too-long"),
+])
+def test_a_name_too_long_for_the_file_system_is_refused_before_sending(online: CliRunner, api: FakeImagesAPI,
+                                                                       args: list, message: str) -> None:
+    run = online("-p", "cat", *args)
+    assert run.code == gi.EXIT_USAGE and message in run.err and api.requests == []
+    assert "hint: use a file name of at most" in run.err
+
+
+def test_a_long_chinese_prompt_still_gets_a_default_name_that_fits(online: CliRunner, isolated: Path) -> None:
+    run = online("-p", "一只可爱的橘猫在草地上玩耍" * 20)
+    assert run.code == 0 and len(run.out.strip().encode()) < 100
+
+
+@pytest.mark.parametrize("name", ["../escape.png", "/tmp/abs.png", "~/home.png", "a/../../up.png", "C:/win.png",
+                                  "..\\win.png"])
+def test_a_batch_item_cannot_write_outside_its_folder(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                      name: str) -> None:
+    (isolated / "b.json").write_text(json.dumps([{"prompt": "cat", "filename": name}]), encoding="utf-8")
+    run = online("--batch", "b.json")
+    assert run.code == gi.EXIT_USAGE and api.requests == []
+    assert "item 1, filename: " in run.err and "leaves the batch folder" in run.err
