@@ -116,6 +116,9 @@ MAX_INPUT_BYTES = 50 * 1024 * 1024
 MAX_MASK_BYTES = 4 * 1024 * 1024
 MIN_N, MAX_N = 1, 10
 MAX_RETRIES = 10
+MAX_WAIT_S = 86_400.0   # --timeout and --max-wait: a socket takes no more (and no image needs it)
+# -p - reads at most this much of stdin: the longest prompt in the widest UTF-8, plus a byte order mark.
+MAX_PROMPT_BYTES = 32_000 * 4 + 3
 # A path component may hold 255 bytes on ext4 and APFS (255 UTF-16 units on NTFS): a name must fit
 # with the longest suffix the tool may add (NAME-99999.png, NAME.partial-3.png, NAME.png.json).
 MAX_NAME_BYTES = 255
@@ -156,6 +159,7 @@ BATCH_ITEM_FIELDS = {"prompt": "prompt", "filename": "filename", "size": "size",
                      "output_compression": "output_compression", "input_images": "input_image",
                      "mask": "mask", "n": "n", "background": "background", "moderation": "moderation",
                      "model": "model"}
+BATCH_FIELD_OF_FLAG = {"-f": "filename", "--model": "model", "-m": "mask", "-i": "input_images"}
 BATCH_GLOBAL_FIELDS = tuple(f for f in BATCH_ITEM_FIELDS if f not in ("prompt", "filename"))
 BATCH_TOP_KEYS = ("description", "global", "prompts")
 REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id")
@@ -494,8 +498,8 @@ def positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    if not 0 < value <= MAX_WAIT_S:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 and at most {MAX_WAIT_S:g} (a day)")
     return value
 
 
@@ -533,7 +537,7 @@ def parse_size_text(text: str) -> tuple[str, int, int]:
     cleaned = re.sub(r"\s+", "", text).lower().replace("×", "x").replace("：", ":")
     if cleaned == "auto":
         return "auto", 0, 0
-    match = re.fullmatch(r"(\d+)([x:])(\d+)", cleaned)
+    match = re.fullmatch(r"(\d{1,6})([x:])(\d{1,6})", cleaned)
     if not match:
         raise UsageError(f"--size {text!r} is not a size: use auto, WxH (e.g. 1536x1024) or a ratio W:H (e.g. 16:9)",
                          hint=f"presets: {' '.join(SIZE_PRESETS)}")
@@ -631,18 +635,32 @@ def resolve_ratio(ratio_w: int, ratio_h: int, resolution: str) -> tuple[str, str
     return f"{width}x{height}", f"size {ratio_w}:{ratio_h} at {resolution} -> {width}x{height}"
 
 
+def check_text(value: str, what: str) -> None:
+    """Text that can go on the wire and into a file name: no NUL, and valid Unicode (bytes that were
+    not UTF-8 reach argv as lone surrogates)."""
+    if "\x00" in value:
+        raise UsageError(f"{what} holds a NUL character", hint="remove it")
+    if re.search("[\ud800-\udfff]", value):
+        raise UsageError(f"{what} holds bytes that are not UTF-8", hint="give it as UTF-8 text")
+
+
 def read_prompt(value: str, stdin: Optional[IO[str]]) -> str:
     """The prompt exactly as given; '-' reads UTF-8 from stdin and drops one trailing newline."""
     if value == "-":
         if stdin is None:
             raise UsageError("-p - reads the prompt from standard input, but there is none")
-        raw = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8")
+        raw = stdin.buffer.read(MAX_PROMPT_BYTES + 1) if hasattr(stdin, "buffer") else \
+            stdin.read(MAX_PROMPT_BYTES + 1).encode("utf-8")
+        if len(raw) > MAX_PROMPT_BYTES:
+            raise UsageError(f"the prompt on standard input is longer than {MAX_PROMPT_BYTES:,} bytes",
+                             hint=f"a prompt holds at most {MAX_PROMPT_CHARS:,} characters")
         try:
             value = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
             raise UsageError(f"the prompt on standard input is not UTF-8 (byte {err.start})",
                              hint="save or pipe it as UTF-8") from None
         value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+    check_text(value, "the prompt")
     if not value.strip():
         raise UsageError("the prompt is empty", hint='describe the image: -p "a cute orange cat"')
     if len(value) > MAX_PROMPT_CHARS:
@@ -904,6 +922,10 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
     which setting it is about."""
     with about("prompt"):
         prompt = read_prompt(args.prompt, stdin)
+    for what, value in (("-f", args.filename), ("--model", args.model), ("-m", args.mask),
+                        *(("-i", image) for image in args.input_image or ())):
+        with about(BATCH_FIELD_OF_FLAG.get(what, "")):
+            check_text(value or "", f"{what} {value!r}" if value and "\x00" not in value else what)
     with about("size"):
         size, size_note = resolve_size(args.size, args.resolution)
     with about("filename"):
@@ -935,6 +957,9 @@ def parse_json(raw: Union[str, bytes, bytearray]) -> Any:
 
 def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
     """The description, the global settings and the raw items of a JSON, JSONL or bare-list file."""
+    check_text(str(path), "--batch")
+    if path.exists() and not path.is_file():
+        raise UsageError(f"--batch {path} is not a regular file", hint="give the path of a JSON or JSONL file")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as err:
@@ -3181,6 +3206,13 @@ class BatchRun:
 # --- Commands ---
 
 
+def silence(stream: IO[str]) -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+
+
 class Console:
     """All printing goes through here: stdout for results, stderr for the rest; the key is masked."""
 
@@ -3198,8 +3230,13 @@ class Console:
         return text
 
     def _write(self, stream: IO[str], text: str) -> None:
-        stream.write(self.redact(text))
-        stream.flush()
+        """A reader that went away (| head -c1) or a full disk (> /dev/full) does not stop the run: the
+        stream is pointed at the null device, so not even the exit's flush complains."""
+        try:
+            stream.write(self.redact(text))
+            stream.flush()
+        except (OSError, ValueError):
+            silence(stream)
 
     def progress(self, text: str) -> None:
         if not self.quiet and not self.events_mode:
@@ -4187,9 +4224,12 @@ def build_parser() -> CliParser:
 
 
 def make_streams_safe() -> None:
-    """A console that cannot show a character (GBK, ASCII) prints '?' instead of crashing."""
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
+    """A console that cannot show a character (GBK, ASCII) prints '?' instead of crashing; a stream
+    that was closed before the start (python x.py >&-) writes nowhere instead of failing."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+        reconfigure = getattr(getattr(sys, name), "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="replace")
 

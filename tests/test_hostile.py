@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,66 @@ def test_a_batch_item_cannot_write_outside_its_folder(online: CliRunner, api: Fa
     run = online("--batch", "b.json")
     assert run.code == gi.EXIT_USAGE and api.requests == []
     assert "item 1, filename: " in run.err and "leaves the batch folder" in run.err
+
+
+ENV_KEYS = ("PATH", "SYSTEMROOT", "NO_PROXY", "no_proxy")
+
+
+@pytest.fixture
+def script_env(api: FakeImagesAPI, tmp_path: Path) -> dict:
+    from conftest import TEST_KEY
+
+    kept = {k: v for k, v in os.environ.items() if k in ENV_KEYS}
+    return {**kept, "APIYI_API_KEY": TEST_KEY, "APIYI_BASE_URL": api.url, "APIYI_STATE_DIR": str(tmp_path / "state")}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX shell redirections")
+@pytest.mark.parametrize("shell", ["{ CMD; echo rc=$? >rc.txt; } | head -c1 >/dev/null", "CMD >&-; echo rc=$? >rc.txt",
+                                   "CMD 2>&-; echo rc=$? >rc.txt", "CMD >/dev/full; echo rc=$? >rc.txt",
+                                   "CMD >&- 2>&-; echo rc=$? >rc.txt"])
+def test_output_streams_that_fail_do_not_lose_the_image_or_crash(script_env: dict, isolated: Path, shell: str) -> None:
+    command = f'"{sys.executable}" -I -S "{SCRIPT}" -p cat -f cat.png'
+    done = subprocess.run(["sh", "-c", shell.replace("CMD", command)], env=script_env, cwd=isolated,
+                          capture_output=True, timeout=60)
+    assert (isolated / "rc.txt").read_text().strip() == "rc=0", done.stderr.decode()
+    assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr
+    assert (isolated / "cat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    pytest.param(["-p", "-"], b"a\x00b", "the prompt holds a NUL character", id="nul-in-stdin-prompt"),
+    pytest.param(["-p", b"\xff\xfe"], b"", "the prompt holds bytes that are not UTF-8", id="argv-not-utf-8"),
+    pytest.param(["-p", "cat", "-f", b"\xffcat.png"], b"", "holds bytes that are not UTF-8", id="filename-not-utf-8"),
+    pytest.param(["-p", "cat", "-s", "1" * 5000 + "x1024"], b"", "is not a size", id="a-5000-digit-size"),
+    pytest.param(["-p", "cat", "--timeout", "1e20"], b"", "must be above 0 and at most 86400", id="timeout-1e20"),
+])
+def test_hostile_inputs_are_exit_2_with_nothing_sent(script_env: dict, api: FakeImagesAPI, isolated: Path,
+                                                     args: list, stdin: bytes, message: str) -> None:
+    argv = [a if isinstance(a, bytes) else a.encode() for a in args]
+    done = subprocess.run([sys.executable.encode(), b"-I", b"-S", str(SCRIPT).encode(), *argv], input=stdin,
+                          capture_output=True, env=script_env, cwd=isolated, timeout=60)
+    assert done.returncode == gi.EXIT_USAGE, done.stderr.decode(errors="replace")
+    assert message in done.stderr.decode(errors="replace") and b"Traceback" not in done.stderr
+    assert api.requests == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_prompt_from_an_endless_stdin_is_capped(script_env: dict, api: FakeImagesAPI, isolated: Path) -> None:
+    with open("/dev/zero", "rb") as zero:
+        done = subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), "-p", "-"], stdin=zero, capture_output=True,
+                              env=script_env, cwd=isolated, timeout=60)
+    assert done.returncode == gi.EXIT_USAGE and b"longer than 128,003 bytes" in done.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
+def test_a_fifo_as_batch_file_is_refused_without_blocking(online: CliRunner, isolated: Path) -> None:
+    os.mkfifo(isolated / "b.json")
+    run = online("--batch", "b.json")
+    assert run.code == gi.EXIT_USAGE and "is not a regular file" in run.err
+
+
+def test_a_nul_in_a_batch_prompt_names_the_item(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    (isolated / "b.json").write_text(json.dumps(["fine", "a\u0000b"]), encoding="utf-8")
+    run = online("--batch", "b.json")
+    assert run.code == gi.EXIT_USAGE and "item 2, prompt: the prompt holds a NUL character" in run.err
+    assert api.requests == []
