@@ -138,6 +138,8 @@ QUOTA_ERROR_CODE = "insufficient_quota"
 
 READ_CHUNK = 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
+# A 200 answer that holds no usable image was most likely billed all the same.
+PAID_ANSWER_HINT = "the request was probably billed; retrying buys a new image"
 # What a server may send, from the largest legitimate answer: a 3840x2160 RGBA PNG stored without
 # compression is 33.2 MB (44.2 MB as base64); an answer holds n of them (each preview of a stream is
 # one more) and some JSON. Past these caps the answer is refused, never held or written whole.
@@ -1491,8 +1493,7 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
     except urllib.error.URLError as err:
         if sent:    # urllib wraps what failed after the last byte went out: never a retry
             raise MaybeBilledError(f"the connection to {host_of(request.url)} failed after the request was "
-                                   f"sent: {reason_text(err.reason)}", kind="dropped",
-                                   hint=billed_hint(timeout_s)) from None
+                                   f"sent: {reason_text(err.reason)}", kind="dropped", hint=billed_hint()) from None
         raise ConnectError(f"could not reach {host_of(request.url)}: {reason_text(err.reason)}",
                            hint=connect_hint(reason_text(err.reason))) from None
     except (socket.timeout, TimeoutError):
@@ -1500,7 +1501,7 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
                                hint=billed_hint(timeout_s)) from None
     except (http.client.HTTPException, OSError) as err:
         raise MaybeBilledError(f"the connection to {host_of(request.url)} dropped after the request was sent: "
-                               f"{reason_text(err)}", kind="dropped", hint=billed_hint(timeout_s)) from None
+                               f"{reason_text(err)}", kind="dropped", hint=billed_hint()) from None
 
 
 class EventSpanParser:
@@ -1638,7 +1639,7 @@ def read_spooled_stream(spool: IO[bytes]) -> tuple[dict[str, Any], tuple[ImageSo
         if kind == "completed":
             completed.append((event, value))
     if not completed:
-        raise ServiceError("the stream ended before the final image", hint="retry later")
+        raise ServiceError("the stream ended before the final image", hint=PAID_ANSWER_HINT)
     meta = {k: v for k, v in completed[-1][0].items() if k not in ("type", "b64_json")}
     meta["data"] = [event for event, _ in completed]
     return meta, tuple(value if value is not None else event_url(event) for event, value in completed)
@@ -1647,7 +1648,7 @@ def read_spooled_stream(spool: IO[bytes]) -> tuple[dict[str, Any], tuple[ImageSo
 def event_url(event: Mapping[str, Any]) -> str:
     if isinstance(event.get("url"), str) and event["url"]:
         return event["url"]
-    raise ServiceError("an image in the answer is empty (no b64_json or url)", hint="retry later")
+    raise ServiceError("an image in the answer is empty (no b64_json or url)", hint=PAID_ANSWER_HINT)
 
 
 def decode_stream_event(name: str, skeleton: bytes) -> tuple[str, dict[str, Any]]:
@@ -1715,9 +1716,11 @@ def read_error_body(error: Any, *, deadline: float) -> bytes:
         return b""
 
 
-def billed_hint(timeout_s: float) -> str:
-    return (f"the request may already have been billed; check your APIYI usage before retrying, "
-            f"then retry with a longer --timeout (now {timeout_s:g} s)")
+def billed_hint(timeout_s: Optional[float] = None) -> str:
+    """After a possible charge, never an invitation to retry blindly; a longer --timeout only helps
+    when the time ran out."""
+    longer = f", then retry with a longer --timeout (now {timeout_s:g} s)" if timeout_s else ""
+    return f"the request may already have been billed; check your APIYI usage before retrying{longer}"
 
 
 def lowercase_headers(headers: Any) -> dict[str, str]:
@@ -1737,6 +1740,11 @@ def host_of(url: str) -> str:
 
 
 def reason_text(reason: object) -> str:
+    """What went wrong in words: http.client's IncompleteRead(0 bytes read) says less than this."""
+    import http.client
+
+    if isinstance(reason, http.client.IncompleteRead):
+        return "the connection closed before the whole answer arrived"
     text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
     return str(text)
 
@@ -1947,9 +1955,9 @@ def load_json_object(raw: Union[bytes, bytearray]) -> dict[str, Any]:
     try:
         payload = parse_json(raw)
     except ValueError:
-        raise ServiceError(f"the answer is not JSON: {body_excerpt(raw)}", hint="retry later") from None
+        raise ServiceError(f"the answer is not JSON: {body_excerpt(raw)}", hint=PAID_ANSWER_HINT) from None
     if not isinstance(payload, dict):
-        raise ServiceError("the answer is not a JSON object", hint="retry later")
+        raise ServiceError("the answer is not a JSON object", hint=PAID_ANSWER_HINT)
     return payload
 
 
@@ -2131,7 +2139,7 @@ def read_spooled_answer(spool: Path, *, streamed: bool) -> tuple[dict[str, Any],
                 return read_spooled_stream(handle)
             skeleton, spans = scan_b64_values(handle, 0, os.fstat(handle.fileno()).st_size)
         except ValueError:
-            raise ServiceError("the answer ends inside an image (it was cut off)", hint="retry later") from None
+            raise ServiceError("the answer ends inside an image (it was cut off)", hint=PAID_ANSWER_HINT) from None
     meta = load_json_object(skeleton)
     items = meta.get("data")
     if not isinstance(items, list) or not items:
@@ -2139,7 +2147,7 @@ def read_spooled_answer(spool: Path, *, streamed: bool) -> tuple[dict[str, Any],
         if error:
             message = error.get("message") if isinstance(error, dict) else error
             raise ServiceError(f"the answer holds an error instead of images: {message}")
-        raise ServiceError("the answer has no images (no data)", hint="retry later")
+        raise ServiceError("the answer has no images (no data)", hint=PAID_ANSWER_HINT)
     found = iter(spans)
     return meta, tuple(spooled_source(item, found) for item in items)
 
@@ -2153,7 +2161,7 @@ def spooled_source(item: Any, spans: Iterator[tuple[int, int]]) -> ImageSource:
             return span
     if isinstance(item.get("url"), str) and item["url"]:
         return item["url"]
-    raise ServiceError("an image in the answer is empty (no b64_json or url)", hint="retry later")
+    raise ServiceError("an image in the answer is empty (no b64_json or url)", hint=PAID_ANSWER_HINT)
 
 
 def image_fill(source: ImageSource, spool: IO[bytes], config: ApiConfig) -> ImageFill:
@@ -2173,11 +2181,11 @@ def write_and_digest(out: IO[bytes], data: bytes) -> tuple[int, str]:
 
 def decode_spooled_image(spool: IO[bytes], span: tuple[int, int], out: IO[bytes]) -> tuple[int, str]:
     if span[0] == span[1]:
-        raise ServiceError("an image in the answer is empty (b64_json is blank)", hint="retry later")
+        raise ServiceError("an image in the answer is empty (b64_json is blank)", hint=PAID_ANSWER_HINT)
     try:
         return decode_b64_span(spool, span, out)
     except ValueError as err:
-        raise ServiceError(f"an image in the answer is not valid base64: {err}", hint="retry later") from None
+        raise ServiceError(f"an image in the answer is not valid base64: {err}", hint=PAID_ANSWER_HINT) from None
 
 
 def output_paths(plan: OutputPlan, count: int) -> list[Path]:
@@ -2366,7 +2374,7 @@ def fill_and_inspect(fill: ImageFill) -> Callable[[IO[bytes]], SavedImage]:
         if info is None:
             handle.seek(0)
             raise ServiceError(f"the answer's image is not a PNG, JPEG or WebP ({size} bytes starting "
-                               f"{handle.read(8).hex()})", hint="retry later")
+                               f"{handle.read(8).hex()})", hint=PAID_ANSWER_HINT)
         return SavedImage(Path(), info, size, digest)
 
     return write
@@ -2513,7 +2521,7 @@ def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
                 warnings.append(f"{intended.name} exists: saved as {image.path.name} (--overwrite replaces it)")
             saved.append(image)
     if problem is None and len(saved) < job.n:
-        problem = ServiceError(f"asked for {job.n} images but the answer held {len(saved)}", hint="retry later")
+        problem = ServiceError(f"asked for {job.n} images but the answer held {len(saved)}", hint=PAID_ANSWER_HINT)
     return saved, warnings, problem
 
 
@@ -3882,9 +3890,9 @@ def report_result(result: RunResult, console: Console) -> int:
     for partial in result.partials:
         console.progress(f"preview kept: {partial}")
     revised = first_revised_prompt(result.meta)
+    done = f"done in {result.elapsed_s:.0f} s" + (f" (request id {result.request_id})" if result.request_id else "")
     for line in (usage_text(result.meta.get("usage")), f"revised prompt: {revised}" if revised else "",
-                 f"done in {result.elapsed_s:.0f} s"
-                 + (f" (request id {result.request_id})" if result.request_id else "")):
+                 "" if result.error and not result.files else done):
         if line:
             console.progress(line)
     if console.json_mode:
