@@ -541,8 +541,10 @@ def parse_size_text(text: str) -> tuple[str, int, int]:
         return "auto", 0, 0
     match = re.fullmatch(r"(\d{1,6})([x:])(\d{1,6})", cleaned)
     if not match:
+        hint = f"for {text.upper()} give a ratio: -s 16:9 -r {cleaned.upper()}" if cleaned.upper() in \
+            RESOLUTION_LONG_EDGES else f"presets: {' '.join(SIZE_PRESETS)}"
         raise UsageError(f"--size {text!r} is not a size: use auto, WxH (e.g. 1536x1024) or a ratio W:H (e.g. 16:9)",
-                         hint=f"presets: {' '.join(SIZE_PRESETS)}")
+                         hint=hint)
     kind = "wxh" if match.group(2) == "x" else "ratio"
     return kind, int(match.group(1)), int(match.group(3))
 
@@ -968,10 +970,13 @@ def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
         raise UsageError(f"--batch {path}: {err.strerror or err}", hint="check the path") from None
     except UnicodeDecodeError as err:
         raise UsageError(f"--batch {path} is not UTF-8 (byte {err.start})", hint="save it as UTF-8") from None
-    try:
-        document = parse_json(text)
-    except ValueError as err:
-        document = parse_jsonl(text, path, err)
+    if path.suffix.lower() == ".jsonl":      # one item per line, even when there is only one line
+        document = parse_jsonl(text, path, ValueError("not JSONL"))
+    else:
+        try:
+            document = parse_json(text)
+        except ValueError as err:
+            document = parse_jsonl(text, path, err)
     if isinstance(document, list):
         items, description, settings = document, "", {}
     elif isinstance(document, dict):
@@ -3937,12 +3942,25 @@ def body_lines(described: Mapping[str, Any]) -> list[str]:
                f"{f['width']}x{f['height']})" for f in described["files"]])
 
 
+def dry_run_outputs(job: ImageJob) -> tuple[list[str], list[str]]:
+    """The paths a real run would write now, and a warning for each name already taken."""
+    outputs, warnings = [], []
+    for path in output_paths(job.output, job.n):
+        free = path if job.output.overwrite else next_free_path(path)
+        outputs.append(str(free))
+        if free != path:
+            warnings.append(f"{path.name} exists: would save as {free.name} (--overwrite replaces it)")
+    return outputs, warnings
+
+
 def run_dry(job: ImageJob, config: ApiConfig, console: Console) -> int:
     described = describe_request(build_request(job, config), job, config)
-    outputs = [str(p) for p in output_paths(job.output, job.n)]
+    outputs, taken = dry_run_outputs(job)
+    for warning in taken:
+        console.warn(warning)
     if console.json_mode:
         console.document({"ok": True, "dry_run": True, "mode": job.mode, "request": described,
-                          "outputs": outputs, "warnings": list(job.warnings)})
+                          "outputs": outputs, "warnings": list(job.warnings) + taken})
         return EXIT_OK
     lines = [f"{described['method']} {described['url']}"]
     lines += [f"{name}: {value}" for name, value in described["headers"].items()]

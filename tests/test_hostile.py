@@ -261,3 +261,23 @@ def test_a_nul_in_a_batch_prompt_names_the_item(online: CliRunner, api: FakeImag
     run = online("--batch", "b.json")
     assert run.code == gi.EXIT_USAGE and "item 2, prompt: the prompt holds a NUL character" in run.err
     assert api.requests == []
+
+
+def test_dry_run_shows_the_name_a_real_run_would_use(online: CliRunner, isolated: Path) -> None:
+    (isolated / "cat.png").write_bytes(b"mine")
+    run = online("-p", "cat", "-f", "cat.png", "--dry-run")
+    assert run.out.splitlines()[-1] == "output: cat-2.png"
+    assert "warning: cat.png exists: would save as cat-2.png (--overwrite replaces it)" in run.err
+    document = online("-p", "cat", "-f", "cat.png", "--dry-run", "--json").json()
+    assert document["outputs"] == ["cat-2.png"] and document["warnings"][-1].startswith("cat.png exists")
+
+
+def test_a_jsonl_batch_of_one_line_is_one_item(online: CliRunner, isolated: Path, api: FakeImagesAPI) -> None:
+    (isolated / "one.jsonl").write_text('{"prompt": "a lone cat", "filename": "lone.png"}\n', encoding="utf-8")
+    run = online("--batch", "one.jsonl")
+    assert (run.code, run.out) == (0, "lone.png\n") and api.requests[0].prompt() == "a lone cat"
+
+
+def test_a_resolution_given_as_size_points_to_a_ratio(online: CliRunner) -> None:
+    run = online("-p", "cat", "-s", "4K", "--dry-run")
+    assert run.code == gi.EXIT_USAGE and "hint: for 4K give a ratio: -s 16:9 -r 4K" in run.err

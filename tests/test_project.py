@@ -19,7 +19,7 @@ from fake_api import make_png
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", ROOT / "README.zh-CN.md", ROOT / "SKILL.md", *sorted((ROOT / "references").glob("*.md"))]
-COMMAND_PREFIX = "python scripts/generate_image.py "
+COMMAND_PREFIXES = ("python3 scripts/generate_image.py ", "python3 SKILL_DIR/scripts/generate_image.py ")
 
 
 def code_block_lines(path: Path) -> list[str]:
@@ -31,8 +31,8 @@ def documented_commands() -> list[pytest.param]:
     found = []
     for path in DOCUMENTS:
         for line in code_block_lines(path):
-            if line.startswith(COMMAND_PREFIX):
-                found.append(pytest.param(line, id=f"{path.name}:{line[len(COMMAND_PREFIX):][:40]}"))
+            if line.startswith(COMMAND_PREFIXES):
+                found.append(pytest.param(line, id=f"{path.name}:{line.split(' ', 2)[2][:40]}"))
     return found
 
 
@@ -140,7 +140,7 @@ def test_every_flag_in_help_is_documented_in_the_readme() -> None:
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: p.name)
 def test_every_flag_the_documents_mention_exists(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
-    commands = " ".join(line for line in code_block_lines(path) if line.startswith(COMMAND_PREFIX))
+    commands = " ".join(line for line in code_block_lines(path) if line.startswith(COMMAND_PREFIXES))
     mentioned = set(re.findall(r"`(--[a-z][a-z-]*)", text)) | set(re.findall(r"\s(--[a-z][a-z-]*)", commands))
     assert sorted(mentioned - parser_long_flags()) == []
 
@@ -161,9 +161,9 @@ def test_the_chinese_readme_has_the_same_flags_commands_and_sections() -> None:
     english, chinese = ROOT / "README.md", ROOT / "README.zh-CN.md"
     assert flag_table(chinese) == flag_table(english) != []
     flags = [[w for w in line.split() if w.startswith("-")] for line in code_block_lines(english)
-             if line.startswith(COMMAND_PREFIX)]
+             if line.startswith(COMMAND_PREFIXES)]
     assert [[w for w in line.split() if w.startswith("-")] for line in code_block_lines(chinese)
-            if line.startswith(COMMAND_PREFIX)] == flags
+            if line.startswith(COMMAND_PREFIXES)] == flags
     assert len(re.findall(r"^## ", chinese.read_text(encoding="utf-8"), flags=re.M)) == \
         len(re.findall(r"^## ", english.read_text(encoding="utf-8"), flags=re.M))
     assert readme_test_command(chinese) == readme_test_command(english)
@@ -226,3 +226,14 @@ def test_size_guide_table_is_the_scripts_own_mapping() -> None:
     text = size_table.GUIDE.read_text(encoding="utf-8")
     assert size_table.with_table(text) == text, "run: python tests/size_table.py"
     assert "| `-s 16:9` | 1088x608 | 2048x1152 | 3840x2160 |" in text
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="file modes")
+def test_the_script_is_executable() -> None:
+    import os
+    import subprocess
+
+    assert os.access(ROOT / "scripts" / "generate_image.py", os.X_OK)
+    mode = subprocess.run(["git", "ls-files", "-s", "scripts/generate_image.py"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.split()[:1]
+    assert mode in ([], ["100755"])     # outside a git checkout (an sdist) only the file mode counts
