@@ -760,10 +760,24 @@ def png_has_alpha(path: Path) -> bool:
                 handle.seek(length + 4, os.SEEK_CUR)
 
 
+def path_kind(path: Path) -> str:
+    """file, folder, other (a device, a FIFO) or missing; a name the system refuses is missing."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return "missing"
+    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "other"
+
+
 def check_input_file(text: str, *, role: str, limit: int) -> InputFile:
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text, flags=re.I):
+        raise UsageError(f"{role} {text}: URLs are not supported", hint="download the image, then give its path")
     path = Path(text).expanduser()
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "not found"
+    kind = path_kind(path)
+    if kind != "file":
+        problem = {"folder": "is a folder", "other": "not a regular file", "missing": "not found"}[kind]
         raise UsageError(f"{role} {text}: {problem}", hint="check the path")
     size = path.stat().st_size
     if size >= limit:
@@ -807,8 +821,8 @@ def plan_output_path(filename: Optional[str], format_flag: Optional[str], prompt
         stem = default_stem or Path(default_stem_for(prompt))
         return stem.with_name(stem.name + FORMAT_EXTENSIONS[fmt]), fmt, format_flag is not None, []
     path = Path(filename).expanduser()
-    if not path.name or filename.endswith(("/", "\\")):
-        raise UsageError(f"-f {filename} names a folder", hint="give a file name, e.g. -f out/cat.png")
+    if not path.name or filename.endswith(("/", "\\")) or path_kind(path) == "folder":
+        raise UsageError(f"-f {filename} names a folder", hint=f"give a file name, e.g. -f {path / 'cat.png'}")
     from_extension = EXTENSION_FORMATS.get(path.suffix.lower())
     fmt = format_flag or from_extension or "png"
     if from_extension == fmt:
@@ -962,7 +976,7 @@ def parse_json(raw: Union[str, bytes, bytearray]) -> Any:
 def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
     """The description, the global settings and the raw items of a JSON, JSONL or bare-list file."""
     check_text(str(path), "--batch")
-    if path.exists() and not path.is_file():
+    if path_kind(path) in ("folder", "other"):
         raise UsageError(f"--batch {path} is not a regular file", hint="give the path of a JSON or JSONL file")
     try:
         text = path.read_bytes().decode("utf-8-sig")
@@ -1504,6 +1518,9 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
     except (socket.timeout, TimeoutError):
         raise MaybeBilledError(f"no complete answer from {host_of(request.url)} within {timeout_s:g} s",
                                hint=billed_hint(timeout_s)) from None
+    except ValueError as err:   # http.client: a chunk size that is not a number
+        raise MaybeBilledError(f"the answer from {host_of(request.url)} was malformed: {body_excerpt(str(err))}",
+                               kind="dropped", hint=billed_hint()) from None
     except (http.client.HTTPException, OSError) as err:
         raise MaybeBilledError(f"the connection to {host_of(request.url)} dropped after the request was sent: "
                                f"{reason_text(err)}", kind="dropped", hint=billed_hint()) from None
@@ -2487,6 +2504,7 @@ def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: 
     saved, warnings, problem = save_all(job, sources, spool, config)
     for image in saved if job.output.metadata else ():
         metadata = build_metadata(job, image, meta, request_id=received.request_id, elapsed_s=received.elapsed_s)
+        metadata = json.loads(redact(json.dumps(metadata, ensure_ascii=False), config.api_key))  # an echoed key
         try:
             write_metadata(image, metadata, overwrite=job.output.overwrite)
         except OSError as err:
@@ -3773,8 +3791,10 @@ def batch_outcome(monitor: BatchMonitor, record: Mapping[str, Any],
     if record["state"] != "done" and record.get("error"):
         return error_from_document(record["error"])
     if failed:
-        return BatchPartialError(f"{len(failed)} of {len(monitor.plan.items)} items failed",
-                                 hint="run the same command again: only what is missing is generated")
+        refused = all(item["error"]["exit_code"] == EXIT_REFUSED for item in failed)
+        hint = ("the API refused them: change their prompts or parameters (the same file would be refused "
+                "again)" if refused else "run the same command again: only what is missing is generated")
+        return BatchPartialError(f"{len(failed)} of {len(monitor.plan.items)} items failed", hint=hint)
     return None
 
 
@@ -4145,10 +4165,25 @@ def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, st
 # --- CLI ---
 
 
+class StoreOnce(argparse.Action):
+    """A prompt or file name given twice is a mistake to point out, not to settle by taking the last."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, "given twice; give it once")
+        setattr(namespace, self.dest, values)
+
+
 class CliParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so main() owns every exit code and --json sees usage errors."""
 
     def error(self, message: str) -> NoReturn:
+        """An unknown flag is named, but not what followed it: that may be a key (--api-ke sk-...)."""
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [word for word in message[len(prefix):].split() if word.startswith("-")]
+            message = f"unrecognized option{'s' if len(flags) > 1 else ''}: {' '.join(flags) or '(a value)'}"
         raise UsageError(message, hint=f"see {PROG} --help")
 
     def exit(self, status: int = 0, message: Optional[str] = None) -> NoReturn:
@@ -4162,7 +4197,7 @@ def build_parser() -> CliParser:
                        allow_abbrev=False)
     convert = setting_converters()
     what = parser.add_argument_group("what to make")
-    what.add_argument("-p", "--prompt", metavar="TEXT",
+    what.add_argument("-p", "--prompt", metavar="TEXT", action=StoreOnce,
                       help="the prompt, sent exactly as given; - reads it from stdin (UTF-8); at most 32000 characters")
     what.add_argument("-s", "--size", metavar="SIZE",
                       help=f"auto (the server's default), a preset ({', '.join(SIZE_PRESETS)}), any WxH (edges "
@@ -4187,7 +4222,7 @@ def build_parser() -> CliParser:
                         help="PNG with alpha, same size as the first input image, under 4 MiB; "
                              "transparent areas are edited")
     output = parser.add_argument_group("output")
-    output.add_argument("-f", "--filename", metavar="PATH",
+    output.add_argument("-f", "--filename", metavar="PATH", action=StoreOnce,
                         help="where to save (folders are created); default: TIMESTAMP-SLUG-RANDOM.png here")
     output.add_argument("-o", "--output-format", type=convert["output_format"],
                         metavar="{png,jpeg,jpg,webp}", help="default: from the -f extension, else png")

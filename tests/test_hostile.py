@@ -281,3 +281,45 @@ def test_a_jsonl_batch_of_one_line_is_one_item(online: CliRunner, isolated: Path
 def test_a_resolution_given_as_size_points_to_a_ratio(online: CliRunner) -> None:
     run = online("-p", "cat", "-s", "4K", "--dry-run")
     assert run.code == gi.EXIT_USAGE and "hint: for 4K give a ratio: -s 16:9 -r 4K" in run.err
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["-p", "cat", "--api-ke", "sk-secret-typo"], "unrecognized option: --api-ke", id="mistyped-key-flag"),
+    pytest.param(["-p", "cat", "-p", "dog"], "argument -p/--prompt: given twice", id="prompt-twice"),
+    pytest.param(["-p", "cat", "-f", "."], "-f . names a folder", id="filename-is-a-folder"),
+    pytest.param(["-p", "cat", "-i", "https://example.com/cat.png"], "URLs are not supported", id="input-url"),
+    pytest.param(["-p", "cat", "-i", "in.png", "-m", os.devnull], "not a regular file", id="mask-dev-null"),
+])
+def test_common_mistakes_get_their_own_message(online: CliRunner, api: FakeImagesAPI, picture, args: list,
+                                               message: str) -> None:
+    picture("in.png")
+    run = online(*args)
+    assert run.code == gi.EXIT_USAGE and message in run.err and api.requests == []
+    assert "sk-secret-typo" not in run.err
+
+
+def test_a_key_echoed_in_revised_prompt_stays_out_of_the_sidecar(online: CliRunner, api: FakeImagesAPI,
+                                                                 isolated: Path) -> None:
+    from conftest import TEST_KEY
+
+    api.queue(Reply(body={"created": 1, "data": [{"b64_json": b64(make_png(64, 64)),
+                                                  "revised_prompt": f"key {TEST_KEY}"}]}))
+    run = online("-p", "cat", "-f", "cat.png", "--metadata", "--json")
+    assert run.code == 0
+    sidecar = (isolated / "cat.png.json").read_text(encoding="utf-8")
+    assert TEST_KEY not in sidecar and "key <redacted>" in sidecar
+
+
+def test_a_batch_refused_by_policy_is_not_told_to_rerun(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    api.route = lambda request: Reply(status=400, body={"error": {"message": "no", "code": "moderation_blocked"}})
+    (isolated / "b.json").write_text(json.dumps(["a", "b"]), encoding="utf-8")
+    run = online("--batch", "b.json")
+    assert run.code == gi.EXIT_BATCH_PARTIAL
+    assert "hint: the API refused them: change their prompts or parameters" in run.err
+
+
+def test_a_malformed_chunked_answer_is_exit_6(online: CliRunner, api: FakeImagesAPI) -> None:
+    api.queue(Reply(pieces=[b"zz\r\nnot a chunk\r\n"], headers={"Transfer-Encoding": "chunked"}))
+    run = online("-p", "cat")
+    assert run.code == gi.EXIT_MAYBE_BILLED and "Traceback" not in run.err
+    assert "dropped after the request was sent: the connection closed before the whole answer arrived" in run.err
