@@ -39,7 +39,7 @@ INVALID = [
     pytest.param(["-p", ""], "the prompt is empty", id="empty-prompt"),
     pytest.param(["-p", " \n\t"], "the prompt is empty", id="blank-prompt"),
     pytest.param(["-p", "x" * 32_001], "the prompt has 32,001 characters; the limit is 32,000", id="prompt-too-long"),
-    pytest.param(["-p", "cat", "--bogus"], "unrecognized arguments: --bogus", id="unknown-flag"),
+    pytest.param(["-p", "cat", "--bogus"], "unrecognized option: --bogus", id="unknown-flag"),
     pytest.param(["-p", "cat", "-s", "big"], "--size 'big' is not a size", id="size-garbage"),
     pytest.param(["-p", "cat", "-s", "1000x1000"], "must be multiples of 16; nearest valid size is 1008x1008",
                  id="size-not-16"),
