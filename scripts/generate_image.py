@@ -524,13 +524,25 @@ def setting_converters() -> dict[str, Callable[[str], Any]]:
             "output_compression": int_in_range(0, 100), "filename": name_inside_the_batch}
 
 
+# Names Windows will not create; a batch file must work the same everywhere, so they are refused on
+# every platform: reserved device names (with any extension), trailing dots or spaces, <>:"|?* and
+# control characters.
+WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.I)
+WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\x00-\x1f]')
+
+
 def name_inside_the_batch(text: str) -> str:
-    """A batch item writes inside the batch folder (or --out-dir), whatever the file says."""
+    """A batch item writes inside the batch folder (or --out-dir), whatever the file says, under names
+    every platform accepts."""
     import posixpath
 
     normal = posixpath.normpath(text.replace("\\", "/"))    # the same rule on every platform
     if normal.startswith(("/", "~", "../")) or normal == ".." or re.match(r"^[A-Za-z]:", normal):
         raise argparse.ArgumentTypeError(f"{text!r} leaves the batch folder; give a name relative to it")
+    for part in normal.split("/"):
+        if WINDOWS_RESERVED.match(part) or WINDOWS_FORBIDDEN.search(part) or part.endswith((".", " ")):
+            raise argparse.ArgumentTypeError(f"{text!r}: {part!r} is not a file name Windows accepts "
+                                             "(reserved names like CON or NUL, <>:\"|?*, a trailing dot or space)")
     return text
 
 
@@ -2381,10 +2393,28 @@ def settle_previews(paths: Sequence[Path], *, keep: bool, final_saved: bool) -> 
     return ()
 
 
-def fallback_folder() -> Path:
+def fallback_folder(*, create: bool = True) -> Path:
+    """Where an image goes when its own folder fails: a folder private to the user in the temp
+    folder, else in the home folder (a shared temp folder may hold someone else's folder or link)."""
     import tempfile
 
-    return Path(tempfile.gettempdir()) / FALLBACK_FOLDER
+    places = [Path(tempfile.gettempdir()) / FALLBACK_FOLDER, Path.home() / f".{FALLBACK_FOLDER}"]
+    if not create:
+        return places[0]
+    return next((folder for folder in places if is_private_folder(folder)), places[0])
+
+
+def is_private_folder(folder: Path) -> bool:
+    """Created 0700 if missing; usable only if it is a real folder (not a link) owned by this user."""
+    import stat
+
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    owned = os.name == "nt" or info.st_uid == os.getuid()
+    return stat.S_ISDIR(info.st_mode) and not stat.S_ISLNK(info.st_mode) and owned
 
 
 def fill_and_inspect(fill: ImageFill) -> Callable[[IO[bytes]], SavedImage]:
@@ -3462,7 +3492,7 @@ def remove_stale_temporaries(files: JobFiles, record: Mapping[str, Any]) -> None
         path = Path(record.get("cwd") or ".") / target
         name, stem = glob.escape(path.name[:60]), glob.escape(path.stem[:60])
         patterns += [(path.parent, f".{name}*.{tag}"), (path.parent, f".{stem}.partial*.{tag}"),
-                     (fallback_folder(), f".{name}*.{tag}")]
+                     (fallback_folder(create=False), f".{name}*.{tag}")]
     for folder, pattern in patterns:
         for leftover in folder.glob(pattern):
             remove_quietly(leftover)

@@ -323,3 +323,32 @@ def test_a_malformed_chunked_answer_is_exit_6(online: CliRunner, api: FakeImages
     run = online("-p", "cat")
     assert run.code == gi.EXIT_MAYBE_BILLED and "Traceback" not in run.err
     assert "dropped after the request was sent: the connection closed before the whole answer arrived" in run.err
+
+
+@pytest.mark.parametrize("name", ["CON.png", "out/nul", "com1.jpg", "cat?.png", "ab:c.png", "trailing.png.",
+                                  "space /cat.png"])
+def test_a_batch_name_windows_refuses_is_refused_everywhere(online: CliRunner, api: FakeImagesAPI,
+                                                           isolated: Path, name: str) -> None:
+    (isolated / "b.json").write_text(json.dumps([{"prompt": "cat", "filename": name}]), encoding="utf-8")
+    run = online("--batch", "b.json")
+    assert run.code == gi.EXIT_USAGE and "is not a file name Windows accepts" in run.err and api.requests == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX symlinks and owners")
+def test_the_fallback_folder_is_private_and_never_a_link(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere, home = tmp_path / "elsewhere", tmp_path / "home"
+    elsewhere.mkdir()
+    home.mkdir()
+    (tmp_path / "tmp" / "apiyi-gpt-image-2").symlink_to(elsewhere)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+
+    def block_the_folder(request) -> None:
+        (isolated / "out").rmdir()
+        (isolated / "out").write_bytes(b"a file where the folder should be")
+
+    api.queue(Reply(body=images_answer([make_png(64, 64)]), before=block_the_folder))
+    run = online("-p", "cat", "-f", "out/cat.png")
+    assert run.code == gi.EXIT_FALLBACK
+    assert run.out.strip() == str(home / ".apiyi-gpt-image-2" / "cat.png")
+    assert list(elsewhere.iterdir()) == [] and (home / ".apiyi-gpt-image-2").stat().st_mode & 0o077 == 0
