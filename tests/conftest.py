@@ -28,8 +28,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """No key, no proxy, nothing reachable but loopback; work, temp and job-state folders inside
-    tmp_path. In-process calls of main() run their job in a thread (APIYI_WORKER=inprocess), so
+    """No key, no proxy, nothing reachable but loopback; work, temp, home and job-state folders
+    inside tmp_path. In-process calls of main() run their job in a thread (APIYI_WORKER=inprocess), so
     what a test patches applies to the worker too; the tests of detached workers set it back.
     After the test, no temporary '.part' file may be left anywhere."""
     for name in CLEARED_ENV:
@@ -41,6 +41,9 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     temp.mkdir()
     monkeypatch.setenv("APIYI_STATE_DIR", str(state))
     monkeypatch.setenv("APIYI_WORKER", "inprocess")
+    (tmp_path / "home").mkdir()
+    for name in ("HOME", "USERPROFILE"):    # the last fallback folder is in the home folder
+        monkeypatch.setenv(name, str(tmp_path / "home"))
     monkeypatch.chdir(work)
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     yield work

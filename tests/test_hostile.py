@@ -339,9 +339,7 @@ def test_the_fallback_folder_is_private_and_never_a_link(online: CliRunner, api:
                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     elsewhere, home = tmp_path / "elsewhere", tmp_path / "home"
     elsewhere.mkdir()
-    home.mkdir()
     (tmp_path / "tmp" / "apiyi-gpt-image-2").symlink_to(elsewhere)
-    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
 
     def block_the_folder(request) -> None:
         (isolated / "out").rmdir()

@@ -278,6 +278,7 @@ def test_a_save_that_fails_keeps_the_answer_and_a_rerun_saves_it_without_a_reque
         (isolated / "out").write_bytes(b"a file where the folder should be")
 
     monkeypatch.setattr(tempfile, "tempdir", str(isolated / "out" / "tmp"))
+    (Path.home() / ".apiyi-gpt-image-2").write_bytes(b"not a folder")      # no fallback at all
     api.queue(Reply(body=images_answer([make_png(64, 64)]), before=block_folders))
     failed = online("-p", "cat", "-f", "out/cat.png")
     assert failed.code == gi.EXIT_UNAVAILABLE
