@@ -539,11 +539,17 @@ def name_inside_the_batch(text: str) -> str:
     normal = posixpath.normpath(text.replace("\\", "/"))    # the same rule on every platform
     if normal.startswith(("/", "~", "../")) or normal == ".." or re.match(r"^[A-Za-z]:", normal):
         raise argparse.ArgumentTypeError(f"{text!r} leaves the batch folder; give a name relative to it")
-    for part in normal.split("/"):
-        if WINDOWS_RESERVED.match(part) or WINDOWS_FORBIDDEN.search(part) or part.endswith((".", " ")):
-            raise argparse.ArgumentTypeError(f"{text!r}: {part!r} is not a file name Windows accepts "
-                                             "(reserved names like CON or NUL, <>:\"|?*, a trailing dot or space)")
+    refused = next((part for part in normal.split("/") if not windows_accepts(part)), None)
+    if refused is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {refused!r} {WINDOWS_NAME_RULE}")
     return text
+
+
+WINDOWS_NAME_RULE = "is not a file name Windows accepts (reserved names like CON or NUL, <>:\"|?*, a trailing dot or space)"
+
+
+def windows_accepts(part: str) -> bool:
+    return not (WINDOWS_RESERVED.match(part) or WINDOWS_FORBIDDEN.search(part) or part.endswith((".", " ")))
 
 
 def parse_size_text(text: str) -> tuple[str, int, int]:
@@ -649,6 +655,14 @@ def resolve_ratio(ratio_w: int, ratio_h: int, resolution: str) -> tuple[str, str
                          f"nearest valid ratio is {widest}")
     width, height = size_for_ratio(ratio_w, ratio_h, resolution)
     return f"{width}x{height}", f"size {ratio_w}:{ratio_h} at {resolution} -> {width}x{height}"
+
+
+def expand_path(text: str) -> Path:
+    """A path as given, ~ expanded; ~someone who does not exist is bad input, not a crash."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise UsageError(f"{text}: its ~ names no home folder here", hint="give the full path") from None
 
 
 def check_text(value: str, what: str) -> None:
@@ -786,7 +800,7 @@ def path_kind(path: Path) -> str:
 def check_input_file(text: str, *, role: str, limit: int) -> InputFile:
     if re.match(r"^[a-z][a-z0-9+.-]*://", text, flags=re.I):
         raise UsageError(f"{role} {text}: URLs are not supported", hint="download the image, then give its path")
-    path = Path(text).expanduser()
+    path = expand_path(text)
     kind = path_kind(path)
     if kind != "file":
         problem = {"folder": "is a folder", "other": "not a regular file", "missing": "not found"}[kind]
@@ -832,9 +846,11 @@ def plan_output_path(filename: Optional[str], format_flag: Optional[str], prompt
         fmt = format_flag or "png"
         stem = default_stem or Path(default_stem_for(prompt))
         return stem.with_name(stem.name + FORMAT_EXTENSIONS[fmt]), fmt, format_flag is not None, []
-    path = Path(filename).expanduser()
+    path = expand_path(filename)
     if not path.name or filename.endswith(("/", "\\")) or path_kind(path) == "folder":
         raise UsageError(f"-f {filename} names a folder", hint=f"give a file name, e.g. -f {path / 'cat.png'}")
+    if os.name == "nt" and not windows_accepts(path.name):     # else it would fail only after paying
+        raise UsageError(f"-f {filename}: {path.name!r} {WINDOWS_NAME_RULE}", hint="choose another name")
     from_extension = EXTENSION_FORMATS.get(path.suffix.lower())
     fmt = format_flag or from_extension or "png"
     if from_extension == fmt:
@@ -877,12 +893,19 @@ def names_written(plan: OutputPlan, n: int) -> list[str]:
     return names
 
 
+def name_size(name: str) -> int:
+    """What the limit counts: UTF-16 units on Windows (NTFS), bytes of UTF-8 elsewhere."""
+    if os.name == "nt":
+        return len(name.encode("utf-16-le", "surrogatepass")) // 2
+    return len(name.encode("utf-8", "surrogatepass"))
+
+
 def check_name_lengths(plan: OutputPlan, n: int) -> None:
     """Before sending: a name the file system will refuse would lose a paid image."""
     for part in [*plan.path.parent.parts, *names_written(plan, n)]:
-        size = len(part.encode("utf-8", "surrogatepass"))
+        size = name_size(part)
         if size > MAX_NAME_BYTES:
-            room = MAX_NAME_BYTES - (size - len(plan.path.name.encode("utf-8", "surrogatepass")))
+            room = MAX_NAME_BYTES - (size - name_size(plan.path.name))
             raise UsageError(f"the name {part[:40]}... is {size} bytes; file systems allow {MAX_NAME_BYTES} per "
                              f"name, with room kept for suffixes like {LONGEST_FREE_SUFFIX}",
                              hint=f"use a file name of at most {max(room, 16)} bytes (a Chinese character is 3)")
@@ -1077,7 +1100,7 @@ def merge_item_args(args: argparse.Namespace, layers: Sequence[Mapping[str, Any]
     """Command-line flags, then global, then the item; relative paths from the batch file's folder
     (outputs from --out-dir). An inherited -r or -c is dropped where it cannot apply to the item."""
     def under(base: Path, value: str) -> str:
-        return str(base / Path(value).expanduser())
+        return str(base / expand_path(value))
 
     merged = argparse.Namespace(**vars(args))
     for layer in layers:
@@ -1129,7 +1152,7 @@ def duplicate_targets(jobs: Sequence[tuple[int, ImageJob]]) -> list[str]:
 def batch_jobs(args: argparse.Namespace, source: Path,
                global_raw: Any, raw_items: Sequence[Any]) -> tuple[list[tuple[int, ImageJob]], list[str]]:
     """Every item checked as a single run would be; all problems are collected, not just the first."""
-    out_dir = Path(args.out_dir).expanduser() if args.out_dir else None
+    out_dir = expand_path(args.out_dir) if args.out_dir else None
     converters = setting_converters()
     global_settings, global_problems = batch_settings(global_raw, allowed=BATCH_GLOBAL_FIELDS, converters=converters)
     problems = [batch_problem("global", field, text) for field, text in global_problems]
@@ -1212,14 +1235,14 @@ def relative_below(path: str, folder: Path) -> str:
 def plan_batch(args: argparse.Namespace) -> BatchPlan:
     """Every item checked; an item is done only when the manifest proves it: a record with the same
     fingerprint (prompt and every parameter) whose files still hold the recorded bytes."""
-    source = Path(args.batch).expanduser()
+    source = expand_path(args.batch)
     description, global_raw, raw_items = read_batch_file(source)
     jobs, problems = batch_jobs(args, source, global_raw, raw_items)
     if problems:
         raise UsageError(f"--batch {source}: {len(problems)} problem{'s' if len(problems) > 1 else ''}, "
                          "nothing was sent:\n  " + "\n  ".join(problems), problems=problems,
                          hint="fix the items named, then run the same command again")
-    manifest = (Path(args.out_dir).expanduser() if args.out_dir else source.parent) / f"{source.stem}.results.jsonl"
+    manifest = (expand_path(args.out_dir) if args.out_dir else source.parent) / f"{source.stem}.results.jsonl"
     check_output_folder(manifest.parent, create=False)
     records, warnings = read_manifest(manifest)
     done = {} if args.overwrite else done_items(records, manifest.parent)
@@ -1294,8 +1317,9 @@ def check_proxy(base_url: str, *, allowed: bool) -> None:
     import urllib.request
     from urllib.parse import urlsplit
 
-    host = urlsplit(base_url).hostname or ""
-    if not base_url.startswith("http://") or is_loopback_host(host) or allowed:
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    if parts.scheme != "http" or is_loopback_host(host) or allowed:
         return
     proxy = urllib.request.getproxies().get("http")
     if proxy and not urllib.request.proxy_bypass(host):
@@ -2244,7 +2268,12 @@ def temporary_beside(target: Path) -> Path:
     """.NAME.JOB-RANDOM.part: the job's id lets the next command clean up after a killed worker
     without touching another job's file of the same name. NAME is cut to 60 characters, so the
     temporary name fits wherever the final name does."""
-    return target.with_name(f".{target.name[:60]}.{TEMPORARY_TAG[0]}{random_hex(4)}.part")
+    return target.with_name(f".{short_name(target.name)}.{TEMPORARY_TAG[0]}{random_hex(4)}.part")
+
+
+def short_name(name: str) -> str:
+    """At most 120 bytes of UTF-8, cut between characters: room for the temporary name's additions."""
+    return name.encode("utf-8", "surrogatepass")[:120].decode("utf-8", "ignore")
 
 
 TEMPORARY_TAG = [""]    # "JOBID-" while a worker runs a job (one job per process or command)
@@ -2398,10 +2427,15 @@ def fallback_folder(*, create: bool = True) -> Path:
     folder, else in the home folder (a shared temp folder may hold someone else's folder or link)."""
     import tempfile
 
-    places = [Path(tempfile.gettempdir()) / FALLBACK_FOLDER, Path.home() / f".{FALLBACK_FOLDER}"]
+    places = [Path(tempfile.gettempdir()) / FALLBACK_FOLDER]
     if not create:
         return places[0]
-    return next((folder for folder in places if is_private_folder(folder)), places[0])
+    with contextlib.suppress(RuntimeError):     # no home folder can be found
+        places.append(Path.home() / f".{FALLBACK_FOLDER}")
+    found = next((folder for folder in places if is_private_folder(folder)), None)
+    if found is None:
+        raise OSError(f"no folder private to this user could be made ({', '.join(map(str, places))})")
+    return found
 
 
 def is_private_folder(folder: Path) -> bool:
@@ -2413,8 +2447,16 @@ def is_private_folder(folder: Path) -> bool:
         info = os.lstat(folder)
     except OSError:
         return False
-    owned = os.name == "nt" or info.st_uid == os.getuid()
-    return stat.S_ISDIR(info.st_mode) and not stat.S_ISLNK(info.st_mode) and owned
+    if not stat.S_ISDIR(info.st_mode) or stat.S_ISLNK(info.st_mode):
+        return False
+    if os.name == "nt":
+        return True
+    if info.st_uid != os.getuid():
+        return False
+    if info.st_mode & 0o077:            # made by an older version with the default mode
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o700)
+    return not os.lstat(folder).st_mode & 0o077
 
 
 def fill_and_inspect(fill: ImageFill) -> Callable[[IO[bytes]], SavedImage]:
@@ -2444,8 +2486,9 @@ def save_image(fill: ImageFill, target: Path, *, overwrite: bool) -> SavedImage:
         return dataclasses.replace(image, path=path)
     except OSError as err:
         reason = f"{target} could not be written ({err.strerror or err})"
-    folder = fallback_folder()
+    folder = fallback_folder(create=False)
     try:
+        folder = fallback_folder()
         destination = folder / target.name
         folder.mkdir(parents=True, exist_ok=True)
         path, image = save_file(destination, fill_and_inspect(fill), replace=False, rename=name_for)
@@ -3217,6 +3260,7 @@ class BatchRun:
         try:
             record = self.make_item(item)
         except Signalled:           # cancelled before its last byte went out
+            remove_quietly(self.worker.files.spool(item.number))
             record = item_record(item, "failed", elapsed_s=time.monotonic() - started, error=InterruptedRun(
                 "cancelled before it was completely sent; nothing was billed", kind="cancelled"))
         except Exception as err:  # the documented boundary of a batch thread
@@ -3490,7 +3534,7 @@ def remove_stale_temporaries(files: JobFiles, record: Mapping[str, Any]) -> None
     patterns = [(files.folder, f".{files.job_id}.json.*.part")]
     for target in record.get("targets") or ():
         path = Path(record.get("cwd") or ".") / target
-        name, stem = glob.escape(path.name[:60]), glob.escape(path.stem[:60])
+        name, stem = glob.escape(short_name(path.name)), glob.escape(short_name(path.stem))
         patterns += [(path.parent, f".{name}*.{tag}"), (path.parent, f".{stem}.partial*.{tag}"),
                      (fallback_folder(create=False), f".{name}*.{tag}")]
     for folder, pattern in patterns:
@@ -3612,10 +3656,12 @@ def interrupt_job(start: JobStart, signal_name: str, console: Console) -> ToolEr
         err.exit_code = code
         return err
     if not record.get("sent") and record["state"] not in FINISHED_STATES:
-        record = cancel_worker(start.files, record, mode="unless-sent")
-    if record["state"] == "cancelled" and not record.get("sent"):
+        with state_folder_errors(start.files.folder):
+            record = cancel_worker(start.files, record, mode="unless-sent")
+    if not record.get("sent") and record["state"] not in ("done", "failed"):
+        settled = "was cancelled" if record["state"] == "cancelled" else "is being cancelled"
         err = InterruptedRun(f"interrupted before the request was completely sent: job {start.files.job_id} "
-                             "was cancelled and nothing was billed", hint="run the same command again to send it")
+                             f"{settled} and nothing was billed", hint="run the same command again to send it")
         err.exit_code = code
         return err
     return still_running(start.files.job_id, f"interrupted ({signal_name})", exit_code=code)
@@ -3653,11 +3699,13 @@ def signal_worker(pid: int) -> None:
 
 def mark_cancelled(files: JobFiles, record: dict[str, Any]) -> dict[str, Any]:
     """Under the job's lock, its worker gone: what it left half-done is removed, the job ends."""
-    if record["state"] in FINISHED_STATES:
-        return record
+    if record["state"] in FINISHED_STATES or needs_recovery(files, record):
+        return record                   # an answer paid for waits in the spool: it is saved, not cancelled
     remove_stale_temporaries(files, record)
-    if not record.get("received"):
-        for spool in files.folder.glob(f"{files.job_id}.*spool"):
+    for spool in files.folder.glob(f"{files.job_id}.*spool"):
+        if spool.stat().st_size and record.get("kind") == "batch":
+            keep_raw_answer(spool)      # an item's answer may be whole: kept aside, never deleted
+        else:
             remove_quietly(spool)
     billed = "the request was already sent and may still be billed" if record.get("sent") else "nothing was billed"
     err = InterruptedRun(f"job {files.job_id} was cancelled; {billed}", kind="cancelled",
@@ -3909,7 +3957,8 @@ def run_cancel(job_id: str, console: Console, env: Mapping[str, str]) -> int:
     else:
         with state_folder_errors(files.folder):
             after = cancel_worker(files, record)
-        state = str(after["state"]) if after["state"] in FINISHED_STATES else "stopping"
+        state = str(after["state"]) if after["state"] in FINISHED_STATES else \
+            "stopping" if after.get("detached") or not after.get("sent") else "running"
         billed = "; the request was already sent and may still be billed" if record.get("sent") else ""
         more = "; no new item starts, the ones in flight finish" if record.get("kind") == "batch" else ""
         console.progress(f"job {files.job_id}: {state}{billed}{more}")
@@ -4212,7 +4261,7 @@ class CliParser(argparse.ArgumentParser):
         """An unknown flag is named, but not what followed it: that may be a key (--api-ke sk-...)."""
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
-            flags = [word for word in message[len(prefix):].split() if word.startswith("-")]
+            flags = [word.split("=", 1)[0] for word in message[len(prefix):].split() if word.startswith("-")]
             message = f"unrecognized option{'s' if len(flags) > 1 else ''}: {' '.join(flags) or '(a value)'}"
         raise UsageError(message, hint=f"see {PROG} --help")
 

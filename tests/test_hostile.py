@@ -350,3 +350,42 @@ def test_the_fallback_folder_is_private_and_never_a_link(online: CliRunner, api:
     assert run.code == gi.EXIT_FALLBACK
     assert run.out.strip() == str(home / ".apiyi-gpt-image-2" / "cat.png")
     assert list(elsewhere.iterdir()) == [] and (home / ".apiyi-gpt-image-2").stat().st_mode & 0o077 == 0
+
+
+def test_a_flag_written_with_its_value_is_named_without_it(online: CliRunner, api: FakeImagesAPI) -> None:
+    run = online("-p", "cat", "--apikey=sk-secret-typo", "--json")
+    assert run.code == gi.EXIT_USAGE and "unrecognized option: --apikey" in run.err
+    assert "sk-secret-typo" not in run.err + run.out
+
+
+def test_an_upper_case_http_scheme_is_still_plain_http(online: CliRunner, api: FakeImagesAPI,
+                                                       proxy: FakeImagesAPI) -> None:
+    run = online("-p", "cat", "--base-url", "HTTP://images.example.invalid/v1")
+    assert run.code == gi.EXIT_USAGE and "the proxy would read the API key" in run.err and proxy.requests == []
+
+
+def test_a_tilde_of_nobody_is_exit_2(online: CliRunner, api: FakeImagesAPI) -> None:
+    run = online("-p", "cat", "-f", "~no-such-user-here/cat.png")
+    assert run.code == gi.EXIT_USAGE and "names no home folder here" in run.err and api.requests == []
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes")
+def test_a_shared_fallback_folder_is_made_private(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                  tmp_path: Path) -> None:
+    shared = tmp_path / "tmp" / "apiyi-gpt-image-2"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+
+    def block_the_folder(request) -> None:
+        (isolated / "out").rmdir()
+        (isolated / "out").write_bytes(b"a file where the folder should be")
+
+    api.queue(Reply(body=images_answer([make_png(64, 64)]), before=block_the_folder))
+    run = online("-p", "cat", "-f", "out/cat.png")
+    assert (run.code, run.out.strip()) == (gi.EXIT_FALLBACK, str(shared / "cat.png"))
+    assert shared.stat().st_mode & 0o077 == 0
+
+
+def test_temporary_names_stay_short_whatever_the_characters() -> None:
+    name = "\U0001F431" * 57 + ".png"
+    assert len(gi.temporary_beside(Path(name)).name.encode()) < 160
