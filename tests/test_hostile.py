@@ -19,6 +19,15 @@ from test_subprocess import find_python
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_image.py"
 
 
+def folder_turned_into_a_file(folder: Path):
+    """A fake-server hook: the output folder, checked and made before sending, is a file by the answer."""
+    def block(request: object) -> None:
+        folder.rmdir()
+        folder.write_bytes(b"a file where the folder should be")
+
+    return block
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -341,11 +350,7 @@ def test_the_fallback_folder_is_private_and_never_a_link(online: CliRunner, api:
     elsewhere.mkdir()
     (tmp_path / "tmp" / "apiyi-gpt-image-2").symlink_to(elsewhere)
 
-    def block_the_folder(request) -> None:
-        (isolated / "out").rmdir()
-        (isolated / "out").write_bytes(b"a file where the folder should be")
-
-    api.queue(Reply(body=images_answer([make_png(64, 64)]), before=block_the_folder))
+    api.queue(Reply(body=images_answer([make_png(64, 64)]), before=folder_turned_into_a_file(isolated / "out")))
     run = online("-p", "cat", "-f", "out/cat.png")
     assert run.code == gi.EXIT_FALLBACK
     assert run.out.strip() == str(home / ".apiyi-gpt-image-2" / "cat.png")
@@ -376,11 +381,7 @@ def test_a_shared_fallback_folder_is_made_private(online: CliRunner, api: FakeIm
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
 
-    def block_the_folder(request) -> None:
-        (isolated / "out").rmdir()
-        (isolated / "out").write_bytes(b"a file where the folder should be")
-
-    api.queue(Reply(body=images_answer([make_png(64, 64)]), before=block_the_folder))
+    api.queue(Reply(body=images_answer([make_png(64, 64)]), before=folder_turned_into_a_file(isolated / "out")))
     run = online("-p", "cat", "-f", "out/cat.png")
     assert (run.code, run.out.strip()) == (gi.EXIT_FALLBACK, str(shared / "cat.png"))
     assert shared.stat().st_mode & 0o077 == 0
