@@ -1207,12 +1207,16 @@ def proven_outputs(record: Mapping[str, Any], folder: Path) -> tuple[Path, ...]:
     return ()
 
 
-def done_items(records: Sequence[Mapping[str, Any]], folder: Path) -> dict[str, tuple[Path, ...]]:
-    """Fingerprint -> files proven to be that item's result; the newest record wins."""
+def done_items(records: Sequence[Mapping[str, Any]], folder: Path,
+               wanted: set[str]) -> dict[str, tuple[Path, ...]]:
+    """Fingerprint -> files proven to be that item's result, for the wanted items only: the newest
+    record that proves it wins, so older records of a proven item are never read back from disk."""
     done: dict[str, tuple[Path, ...]] = {}
-    for record in records:
+    for record in reversed(records):
         fingerprint = record.get("fingerprint")
-        proven = proven_outputs(record, folder) if isinstance(fingerprint, str) else ()
+        if fingerprint not in wanted or fingerprint in done:
+            continue
+        proven = proven_outputs(record, folder)
         if proven and len(proven) == record.get("n", len(proven)):
             done[fingerprint] = proven
     return done
@@ -1245,10 +1249,10 @@ def plan_batch(args: argparse.Namespace) -> BatchPlan:
     manifest = (expand_path(args.out_dir) if args.out_dir else source.parent) / f"{source.stem}.results.jsonl"
     check_output_folder(manifest.parent, create=False)
     records, warnings = read_manifest(manifest)
-    done = {} if args.overwrite else done_items(records, manifest.parent)
+    fingerprints = [request_fingerprint(job, "") for _, job in jobs]
+    done = {} if args.overwrite else done_items(records, manifest.parent, set(fingerprints))
     items = []
-    for number, job in jobs:
-        fingerprint = request_fingerprint(job, "")
+    for (number, job), fingerprint in zip(jobs, fingerprints):
         proven = tuple(shown_path(p) for p in done.get(fingerprint, ()))
         items.append(BatchItem(number, job, proven if len(proven) == job.n else (), fingerprint))
     return BatchPlan(source, description, tuple(items), manifest, args.jobs or DEFAULT_JOBS, tuple(warnings))
