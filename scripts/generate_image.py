@@ -2260,12 +2260,17 @@ def path_for_format(path: Path, fmt: str) -> Path:
     return path if EXTENSION_FORMATS.get(path.suffix.lower()) == fmt else path.with_suffix(FORMAT_EXTENSIONS[fmt])
 
 
+def candidate_names(target: Path) -> Iterator[Path]:
+    """NAME.png, NAME-2.png, ... NAME-99999.png: the names a run may give its file, in order (the last
+    is what LONGEST_FREE_SUFFIX leaves room for)."""
+    yield target
+    for number in range(2, 100_000):
+        yield target.with_name(f"{target.stem}-{number}{target.suffix}")
+
+
 def next_free_path(path: Path) -> Path:
-    candidate, number = path, 2
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
-        number += 1
-    return candidate
+    """The name a run would take now (what --dry-run shows); publish claims it for real."""
+    return next((c for c in candidate_names(path) if not os.path.lexists(c)), path)
 
 
 def temporary_beside(target: Path) -> Path:
@@ -2326,8 +2331,7 @@ def publish(temporary: Path, target: Path, *, replace: bool) -> Path:
     if replace:
         replace_file(temporary, target)
         return target
-    for number in range(1, 100_000):
-        candidate = target if number == 1 else target.with_name(f"{target.stem}-{number}{target.suffix}")
+    for candidate in candidate_names(target):
         try:
             claim_name(temporary, candidate)
         except FileExistsError:
