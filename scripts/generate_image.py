@@ -3190,8 +3190,7 @@ def cancel_in_worker(worker: JobWorker, signal_name: str) -> None:
     billed = "the request was already sent and may still be billed" if worker.record.get("sent") \
         else "nothing was sent, nothing is billed"
     if not worker.record.get("received"):
-        for spool in worker.files.folder.glob(f"{worker.files.job_id}.*spool"):
-            remove_quietly(spool)
+        set_spools_aside(worker.files, worker.record)
     worker.fail(InterruptedRun(f"job {worker.files.job_id} was cancelled ({signal_name}); {billed}",
                                kind="cancelled", hint="run the same command again to make a new request"),
                 state="cancelled")
@@ -3516,11 +3515,6 @@ def settle_dead_worker(files: JobFiles, record: dict[str, Any]) -> dict[str, Any
     """A worker that died without finishing: what its record proves is all there is to say."""
     if record["state"] in FINISHED_STATES:
         return record
-    remove_stale_temporaries(files, record)
-    if needs_recovery(files, record):
-        return record       # the answer is in the spool: conclude saves it
-    kept = [str(keep_raw_answer(spool)) for spool in files.folder.glob(f"{files.job_id}.item-*.spool")]
-    record["note"] = f"raw answers kept: {', '.join(kept)}" if kept else record.get("note")
     if record.get("sent"):
         err: ToolError = MaybeBilledError(f"the worker of job {files.job_id} stopped after the request was sent; "
                                           "the answer is lost", kind="worker_lost",
@@ -3528,9 +3522,34 @@ def settle_dead_worker(files: JobFiles, record: dict[str, Any]) -> dict[str, Any
     else:
         err = ServiceError(f"the worker of job {files.job_id} stopped before the request was sent; nothing was "
                            "billed", kind="worker_lost", hint="run the same command again")
-    record.update(state="failed", error=error_document(err), exit_code=err.exit_code)
+    return end_abandoned_job(files, record, state="failed", err=err)
+
+
+def end_abandoned_job(files: JobFiles, record: dict[str, Any], *, state: str, err: ToolError) -> dict[str, Any]:
+    """Under the job's lock, its worker gone: its half-written files go, its spools are set aside and
+    the record ends. A single job's answer waiting in its spool is not ended: conclude saves it."""
+    if record["state"] in FINISHED_STATES:
+        return record
+    remove_stale_temporaries(files, record)
+    if needs_recovery(files, record):
+        return record
+    kept = set_spools_aside(files, record)
+    record.update(state=state, error=error_document(err), exit_code=err.exit_code,
+                  note=f"raw answers kept: {', '.join(kept)}" if kept else record.get("note"))
     write_record(files, record)
     return record
+
+
+def set_spools_aside(files: JobFiles, record: Mapping[str, Any]) -> list[str]:
+    """The spools of a job that will not save them: a batch item's may hold a whole paid answer, so it
+    is kept as ID.item-N.answer; any other is an answer cut short, and goes. Returns what was kept."""
+    kept = []
+    for spool in files.folder.glob(f"{files.job_id}.*spool"):
+        if record.get("kind") == "batch" and os.path.getsize(spool):
+            kept.append(str(keep_raw_answer(spool)))
+        else:
+            remove_quietly(spool)
+    return kept
 
 
 def remove_stale_temporaries(files: JobFiles, record: Mapping[str, Any]) -> None:
@@ -3706,21 +3725,11 @@ def signal_worker(pid: int) -> None:
 
 
 def mark_cancelled(files: JobFiles, record: dict[str, Any]) -> dict[str, Any]:
-    """Under the job's lock, its worker gone: what it left half-done is removed, the job ends."""
-    if record["state"] in FINISHED_STATES or needs_recovery(files, record):
-        return record                   # an answer paid for waits in the spool: it is saved, not cancelled
-    remove_stale_temporaries(files, record)
-    for spool in files.folder.glob(f"{files.job_id}.*spool"):
-        if spool.stat().st_size and record.get("kind") == "batch":
-            keep_raw_answer(spool)      # an item's answer may be whole: kept aside, never deleted
-        else:
-            remove_quietly(spool)
+    """Under the job's lock, its worker gone (or never started): the job ends cancelled."""
     billed = "the request was already sent and may still be billed" if record.get("sent") else "nothing was billed"
     err = InterruptedRun(f"job {files.job_id} was cancelled; {billed}", kind="cancelled",
                          hint="run the same command again to make a new request")
-    record.update(state="cancelled", error=error_document(err), exit_code=err.exit_code)
-    write_record(files, record)
-    return record
+    return end_abandoned_job(files, record, state="cancelled", err=err)
 
 
 def wait_for_pid(files: JobFiles) -> Optional[dict[str, Any]]:
