@@ -2916,19 +2916,21 @@ def state_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-def prune_records(folder: Path) -> list[Path]:
+def prune_records(folder: Path, records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Path]]:
     """Finished jobs older than JOB_KEEP_S go, but never one whose spool still holds an answer to
-    save. Returns the raw answers removed with them, so the caller says so."""
-    cutoff, said = time.time() - JOB_KEEP_S, []
-    for record in list_records(folder):
+    save. Returns the records kept, and the raw answers removed, so the caller says so."""
+    cutoff, kept, said = time.time() - JOB_KEEP_S, [], []
+    for record in records:
         files = JobFiles(folder, record["id"])
-        paths = files.all_files()
-        if record.get("state") in FINISHED_STATES and record.get("updated_at", 0) < cutoff \
-                and not any(p.suffix == ".spool" for p in paths):
-            said += [p for p in paths if p.suffix == ".answer"]
-            for path in paths:
-                remove_quietly(path)
-    return said
+        old = record.get("state") in FINISHED_STATES and record.get("updated_at", 0) < cutoff
+        paths = files.all_files() if old else []
+        if not old or any(p.suffix == ".spool" for p in paths):
+            kept.append(record)
+            continue
+        said += [p for p in paths if p.suffix == ".answer"]
+        for path in paths:
+            remove_quietly(path)
+    return kept, said
 
 
 # Windows: no console, a process group of its own (Ctrl-C in the caller's console does not reach
@@ -2982,15 +2984,14 @@ def start_worker_thread(files: JobFiles, key: str) -> None:
     threading.Thread(target=run_worker, args=(files, key), daemon=True, name=f"job {files.job_id}").start()
 
 
-def start_worker(files: JobFiles, record: dict[str, Any], *, key: str, env: Mapping[str, str],
-                 console: Console) -> bool:
-    """A detached process; else a thread of this command, said once. Returns whether it is detached.
-    The record says which before any worker can read it."""
-    mode = worker_mode(env)
+def start_worker(files: JobFiles, record: dict[str, Any], *, mode: str, key: str, env: Mapping[str, str],
+                 console: Console) -> None:
+    """A detached process; else a thread of this command, said once. The record says which
+    (detached) before any worker can read it."""
     if mode == "process":
         try:
             start_worker_process(files, key, env)
-            return True
+            return
         except OSError as err:
             console.warn(f"no worker process could be started ({reason_text(err)}): the request runs inside "
                          "this command and stops if it is stopped")
@@ -2999,7 +3000,6 @@ def start_worker(files: JobFiles, record: dict[str, Any], *, key: str, env: Mapp
     record["detached"] = False
     write_record(files, record)
     start_worker_thread(files, key)
-    return False
 
 
 def worker_mode(env: Mapping[str, str]) -> str:
@@ -3445,11 +3445,10 @@ class JobWatch:
     """The command's side of a job: follows its events file and record until the job ends, shows
     what happens, and knows when to stop waiting. Main thread only."""
 
-    def __init__(self, files: JobFiles, console: Console, *, detached: bool,
+    def __init__(self, files: JobFiles, console: Console, *,
                  on_event: Callable[[Mapping[str, Any]], bool] = lambda event: False) -> None:
         self.files = files
         self.console = console
-        self.detached = detached        # False: the worker is a thread of this command
         self.on_event = on_event        # a batch takes its item events here
         self.offset = 0                 # how far the events file has been read
         self.last_heartbeat = time.monotonic()
@@ -3610,21 +3609,27 @@ class JobStart:
 
     files: JobFiles
     attached: bool
-    detached: bool
     record: dict[str, Any]
+
+    @property
+    def detached(self) -> bool:
+        """False when the worker is a thread of a command (this one, or another's)."""
+        return bool(self.record.get("detached"))
 
 
 def find_or_start_job(folder: Path, record: dict[str, Any], *, key: str, env: Mapping[str, str],
                       console: Console) -> JobStart:
     """Attach to the job with this fingerprint that is running or unreported; else start one. A
     batch whose manifest another running job writes is refused."""
+    mode = worker_mode(env)             # a bad switch is refused before any record is written
     with state_folder_errors(folder), state_lock(folder):
-        for answer in prune_records(folder):
+        records, removed = prune_records(folder, list_records(folder))
+        for answer in removed:
             console.warn(f"removed {answer}, the raw answer of a job that ended {JOB_KEEP_S // 86400} days ago")
-        for existing in reversed(list_records(folder)):
+        for existing in reversed(records):
             files = JobFiles(folder, existing["id"])
             if existing.get("fingerprint") == record["fingerprint"] and is_attachable(files, existing):
-                return JobStart(files, True, bool(existing.get("detached")), existing)
+                return JobStart(files, True, existing)
             if record.get("manifest") and existing.get("manifest") == record["manifest"] \
                     and worker_alive(files, existing):
                 raise UsageError(f"job {existing['id']} is running this batch with other settings "
@@ -3632,8 +3637,8 @@ def find_or_start_job(folder: Path, record: dict[str, Any], *, key: str, env: Ma
                                  hint=f"wait for it ({PROG} --attach {existing['id']}) or stop it (--cancel)")
         files = JobFiles(folder, record["id"])
         write_record(files, record)
-        detached = start_worker(files, record, key=key, env=env, console=console)
-        return JobStart(files, False, detached, record)
+        start_worker(files, record, mode=mode, key=key, env=env, console=console)
+        return JobStart(files, False, record)
 
 
 def new_record(kind: str, *, fingerprint: str, spec: Mapping[str, Any], config: ApiConfig, prompt: str,
@@ -3748,7 +3753,7 @@ def rebase(path: Path, cwd: str) -> Path:
 
 
 def follow_single(start: JobStart, console: Console, *, max_wait: Optional[float]) -> int:
-    watch = JobWatch(start.files, console, detached=start.detached)
+    watch = JobWatch(start.files, console)
     began = time.monotonic() - max(0.0, time.time() - start.record.get("created_at", time.time()))
     try:
         with ProgressTicker(console, began), state_folder_errors(start.files.folder):
@@ -3861,7 +3866,7 @@ class BatchMonitor:
 
 def follow_batch(start: JobStart, console: Console, *, max_wait: Optional[float]) -> int:
     monitor = BatchMonitor(plan_from_plain(start.record["spec"]), console)
-    watch = JobWatch(start.files, console, detached=start.detached, on_event=monitor.on_event)
+    watch = JobWatch(start.files, console, on_event=monitor.on_event)
     try:
         with state_folder_errors(start.files.folder):
             record = watch.wait(max_wait=max_wait, on_poll=monitor.show_status)
@@ -3989,7 +3994,7 @@ def run_attach(job_id: str, console: Console, env: Mapping[str, str], *, max_wai
     files, record = find_job(open_state_folder(env), job_id)
     console.progress(attached_line(record))
     console.event("attached", job=files.job_id, state=record["state"])
-    return follow_job(JobStart(files, True, bool(record.get("detached")), record), console, max_wait=max_wait)
+    return follow_job(JobStart(files, True, record), console, max_wait=max_wait)
 
 
 def usage_text(usage: Any) -> str:

@@ -400,11 +400,11 @@ def test_an_unusable_state_folder_is_one_line_and_exit_2(online: CliRunner, api:
     assert run.err.splitlines()[-1] == "hint: set APIYI_STATE_DIR to a writable folder of your own"
 
 
-def test_a_mistyped_worker_switch_is_refused(online: CliRunner, api: FakeImagesAPI,
+def test_a_mistyped_worker_switch_is_refused(online: CliRunner, api: FakeImagesAPI, state: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APIYI_WORKER", "thread")
     run = online("-p", "cat")
-    assert run.code == gi.EXIT_USAGE and api.requests == []
+    assert run.code == gi.EXIT_USAGE and api.requests == [] and records(state) == []
     assert "APIYI_WORKER='thread' is not one of process, inprocess, unavailable" in run.err
 
 
