@@ -161,7 +161,8 @@ BATCH_ITEM_FIELDS = {"prompt": "prompt", "filename": "filename", "size": "size",
                      "output_compression": "output_compression", "input_images": "input_image",
                      "mask": "mask", "n": "n", "background": "background", "moderation": "moderation",
                      "model": "model"}
-BATCH_FIELD_OF_FLAG = {"-f": "filename", "--model": "model", "-m": "mask", "-i": "input_images"}
+# Settings given as text besides the prompt (batch field, flag): checked for NUL and bad UTF-8.
+TEXT_SETTINGS = (("filename", "-f"), ("model", "--model"), ("mask", "-m"), ("input_images", "-i"))
 BATCH_GLOBAL_FIELDS = tuple(f for f in BATCH_ITEM_FIELDS if f not in ("prompt", "filename"))
 BATCH_TOP_KEYS = ("description", "global", "prompts")
 REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id")
@@ -975,10 +976,11 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
     which setting it is about."""
     with about("prompt"):
         prompt = read_prompt(args.prompt, stdin)
-    for what, value in (("-f", args.filename), ("--model", args.model), ("-m", args.mask),
-                        *(("-i", image) for image in args.input_image or ())):
-        with about(BATCH_FIELD_OF_FLAG.get(what, "")):
-            check_text(value or "", f"{what} {value!r}" if value and "\x00" not in value else what)
+    for field, flag in TEXT_SETTINGS:
+        value = getattr(args, BATCH_ITEM_FIELDS[field])
+        for text in [value] if isinstance(value, str) else value or ():
+            with about(field):
+                check_text(text, flag)
     with about("size"):
         size, size_note = resolve_size(args.size, args.resolution)
     with about("filename"):
@@ -2692,30 +2694,12 @@ class JobFiles:
     def file(self, suffix: str) -> Path:
         return self.folder / f"{self.job_id}{suffix}"
 
-    @property
-    def record(self) -> Path:
-        return self.file(".json")
-
-    @property
-    def events(self) -> Path:
-        return self.file(".events.jsonl")
-
-    @property
-    def log(self) -> Path:
-        return self.file(".log")
-
-    @property
-    def lock(self) -> Path:
-        return self.file(".lock")
-
-    @property
-    def reported(self) -> Path:
-        return self.file(".reported")
-
-    @property
-    def cancel(self) -> Path:
-        """always (--cancel), or unless-sent (an interrupted command)."""
-        return self.file(".cancel")
+    record = property(lambda self: self.file(".json"))
+    events = property(lambda self: self.file(".events.jsonl"))
+    log = property(lambda self: self.file(".log"))
+    lock = property(lambda self: self.file(".lock"))
+    reported = property(lambda self: self.file(".reported"))
+    cancel = property(lambda self: self.file(".cancel"))        # holds "always" or "unless-sent"
 
     def spool(self, item: int = 0) -> Path:
         return self.file(f".item-{item}.spool" if item else ".spool")
