@@ -201,6 +201,33 @@ EXIT_INTERRUPTED = 130
 # 128 + the signal number, as shells report a process ended by it.
 SIGNAL_EXITS = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
 
+# Answers: base64 values found by position in the spool (scan_b64_values, decode_b64_span).
+B64_KEY = re.compile(rb'"b64_json"\s*:\s*"')
+# A tail that may still grow into B64_KEY with the next piece: cut anywhere, even in its spaces.
+B64_KEY_AT_END = re.compile(rb'"(?:b(?:6(?:4(?:_(?:j(?:s(?:o(?:n(?:"\s*(?::\s*)?)?)?)?)?)?)?)?)?)?\Z')
+BAD_ESCAPE = re.compile(rb"\\(?![/nrt])")
+ESCAPES = ((b"\\/", b"/"), (b"\\n", b""), (b"\\r", b""), (b"\\t", b""))
+NOT_BASE64 = bytes(sorted(set(range(256)) - set(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")))
+DATA_URL_LIMIT = 256  # the longest data:image/...;base64, prefix looked for
+
+# Terminal escape sequences (CSI, OSC) and other control characters a server could send to the console.
+CONTROL_TEXT = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x1f\x7f-\x9f]")
+
+# Names Windows will not create; a batch file must work the same everywhere, so they are refused on
+# every platform: reserved device names (with any extension), trailing dots or spaces, <>:"|?* and
+# control characters.
+WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.I)
+WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\x00-\x1f]')
+WINDOWS_NAME_RULE = "is not a file name Windows accepts (reserved names like CON or NUL, <>:\"|?*, a trailing dot or space)"
+
+# Windows: no console, a process group of its own (Ctrl-C in the caller's console does not reach
+# it), and out of the caller's job object where the job allows it (else the second try, without).
+WINDOWS_DETACHED_PROCESS = 0x00000008
+WINDOWS_NEW_PROCESS_GROUP = 0x00000200
+WINDOWS_BREAKAWAY_FROM_JOB = 0x01000000
+
+
 # --- Exceptions ---
 
 
@@ -525,13 +552,6 @@ def setting_converters() -> dict[str, Callable[[str], Any]]:
             "output_compression": int_in_range(0, 100), "filename": name_inside_the_batch}
 
 
-# Names Windows will not create; a batch file must work the same everywhere, so they are refused on
-# every platform: reserved device names (with any extension), trailing dots or spaces, <>:"|?* and
-# control characters.
-WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.I)
-WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\x00-\x1f]')
-
-
 def name_inside_the_batch(text: str) -> str:
     """A batch item writes inside the batch folder (or --out-dir), whatever the file says, under names
     every platform accepts."""
@@ -544,9 +564,6 @@ def name_inside_the_batch(text: str) -> str:
     if refused is not None:
         raise argparse.ArgumentTypeError(f"{text!r}: {refused!r} {WINDOWS_NAME_RULE}")
     return text
-
-
-WINDOWS_NAME_RULE = "is not a file name Windows accepts (reserved names like CON or NUL, <>:\"|?*, a trailing dot or space)"
 
 
 def windows_accepts(part: str) -> bool:
@@ -1943,10 +1960,6 @@ def parse_error_body(body: Union[bytes, bytearray]) -> dict[str, Any]:
     return {"message": error} if isinstance(error, str) else {}
 
 
-# Terminal escape sequences (CSI, OSC) and other control characters a server could send to the console.
-CONTROL_TEXT = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x1f\x7f-\x9f]")
-
-
 def clean_text(text: str) -> str:
     """Server text as it may be shown: no escape sequences, no control characters."""
     return CONTROL_TEXT.sub(" ", text)
@@ -2003,16 +2016,6 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
     elif 300 <= status < 500 and not is_retryable(status):
         cls = RefusedError
     return cls(message, status=status, code=code or None, hint=status_hint(status, code, config))
-
-
-B64_KEY = re.compile(rb'"b64_json"\s*:\s*"')
-# A tail that may still grow into B64_KEY with the next piece: cut anywhere, even in its spaces.
-B64_KEY_AT_END = re.compile(rb'"(?:b(?:6(?:4(?:_(?:j(?:s(?:o(?:n(?:"\s*(?::\s*)?)?)?)?)?)?)?)?)?)?\Z')
-BAD_ESCAPE = re.compile(rb"\\(?![/nrt])")
-ESCAPES = ((b"\\/", b"/"), (b"\\n", b""), (b"\\r", b""), (b"\\t", b""))
-NOT_BASE64 = bytes(sorted(set(range(256)) - set(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")))
-DATA_URL_LIMIT = 256  # the longest data:image/...;base64, prefix looked for
 
 
 def load_json_object(raw: Union[bytes, bytearray]) -> dict[str, Any]:
@@ -2915,13 +2918,6 @@ def prune_records(folder: Path, records: Sequence[dict[str, Any]]) -> tuple[list
         for path in paths:
             remove_quietly(path)
     return kept, said
-
-
-# Windows: no console, a process group of its own (Ctrl-C in the caller's console does not reach
-# it), and out of the caller's job object where the job allows it (else the second try, without).
-WINDOWS_DETACHED_PROCESS = 0x00000008
-WINDOWS_NEW_PROCESS_GROUP = 0x00000200
-WINDOWS_BREAKAWAY_FROM_JOB = 0x01000000
 
 
 def spawn_attempts(platform: str) -> list[dict[str, Any]]:
