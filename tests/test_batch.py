@@ -181,6 +181,7 @@ def test_every_invalid_item_is_reported_and_nothing_is_sent(online: CliRunner, a
     pytest.param('{"items": ["a"]}', "unknown top-level key 'items'", id="unknown-key"),
     pytest.param('"just a string"', "holds a JSON str, not a batch", id="string"),
     pytest.param('{"global": ["x"], "prompts": ["a"]}', "global: must be a JSON object", id="global-list"),
+    pytest.param("[" * 100_000 + "]" * 100_000, "nested too deeply", id="nested-too-deeply"),
 ])
 def test_a_malformed_batch_file_is_refused(online: CliRunner, api: FakeImagesAPI, isolated: Path,
                                           content: str, message: str) -> None:

@@ -133,12 +133,6 @@ def test_an_older_python_is_told_to_upgrade(version: str) -> None:
     assert done.stderr.startswith(f"generate_image.py: error: needs Python 3.9 or newer (this is Python {version})")
 
 
-def test_deep_json_in_a_batch_file_is_exit_2(online: CliRunner, isolated: Path, api: FakeImagesAPI) -> None:
-    (isolated / "b.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
-    run = online("--batch", "b.json")
-    assert run.code == gi.EXIT_USAGE and "nested too deeply" in run.err and api.requests == []
-
-
 @pytest.mark.parametrize("url, message", [
     pytest.param("http://[::1/v1", "is not a usable URL", id="broken-ipv6"),
     pytest.param("http://host:abc/v1", "is not a usable URL", id="port-not-a-number"),
