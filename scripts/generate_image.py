@@ -4337,7 +4337,9 @@ def build_parser() -> CliParser:
     conn.add_argument("-k", "--api-key", metavar="KEY", help=f"API key (default: ${ENV_API_KEY})")
     conn.add_argument("--base-url", metavar="URL", help=f"API base (default: ${ENV_BASE_URL}, else {DEFAULT_BASE_URL})")
     conn.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="S",
-                      help="seconds to wait for the answer (default %(default)g)")
+                      help="seconds to wait for the answer, counted from when the request is completely sent "
+                           "(connecting and each step of the upload may take as long again); at most 86400 "
+                           "(default %(default)g)")
     conn.add_argument("--retries", type=int_in_range(0, MAX_RETRIES), default=DEFAULT_RETRIES, metavar="N",
                       help="retries on connection failure, 408, 409, 429 and 5xx, never after a timeout "
                            "(default %(default)s)")
