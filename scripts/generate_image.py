@@ -3432,6 +3432,19 @@ class JobWatch:
         self.on_event = on_event        # a batch takes its item events here
         self.offset = 0                 # how far the events file has been read
         self.last_heartbeat = time.monotonic()
+        self.record: tuple[Any, Optional[dict[str, Any]]] = (None, None)   # (stat key, record read then)
+
+    def current_record(self) -> Optional[dict[str, Any]]:
+        """The record, parsed again only when the file changed: a batch's record holds its whole plan,
+        and the wait polls ten times a second."""
+        try:
+            info = os.stat(self.files.record)
+        except OSError:
+            return None
+        key = (info.st_mtime_ns, info.st_size, info.st_ino)
+        if key != self.record[0] or self.record[1] is None:     # a failed read is tried again
+            self.record = (key, read_record(self.files.record))
+        return self.record[1]
 
     def read_events(self) -> list[dict[str, Any]]:
         """Whole new lines only: the worker may be halfway through writing the next one."""
@@ -3474,7 +3487,7 @@ class JobWatch:
             self.pump()
             on_poll()
             reap_workers()
-            record = read_record(self.files.record)
+            record = self.current_record()
             if record and (record["state"] in FINISHED_STATES or not worker_alive(self.files, record)):
                 record = conclude(self.files, record, self.console)
                 if record["state"] in FINISHED_STATES:
