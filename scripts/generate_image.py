@@ -173,7 +173,7 @@ ENV_WORKER = "APIYI_WORKER"
 # process: a detached worker; inprocess: a thread of the command (the job ends with it);
 # unavailable: as if a sandbox forbade new processes (in-process, with a warning; the tests use it).
 WORKER_MODES = ("process", "inprocess", "unavailable")
-JOB_STATES = ("starting", "sending", "waiting", "receiving", "saving", "done", "failed", "cancelled")
+# A job's state goes starting, sending, waiting (sent: it may be billed), receiving, saving, then ends.
 FINISHED_STATES = frozenset({"done", "failed", "cancelled"})
 JOB_KEEP_S = 7 * 24 * 3600
 # A worker takes its lock within milliseconds; this long without it, it never came up.
@@ -445,8 +445,7 @@ class HttpResponse:
     status: int
     headers: dict[str, str]
     body: Union[bytes, bytearray]
-    spooled: bool = False                       # a 2xx body went to the spool file, not into body
-    streamed: bool = False                      # ... and it is an event stream
+    streamed: bool = False                      # the spool holds an event stream, not a JSON body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1762,9 +1761,9 @@ def read_answer(response: Any, transfer: Transfer, *, deadline: float) -> HttpRe
     transfer.spool.truncate()
     if transfer.on_preview and headers.get("content-type", "").startswith("text/event-stream"):
         copy_event_stream(response, transfer.spool, transfer.on_preview, deadline=deadline, limit=transfer.limit)
-        return HttpResponse(response.status, headers, b"", spooled=True, streamed=True)
+        return HttpResponse(response.status, headers, b"", streamed=True)
     copy_body(response, transfer.spool, deadline=deadline, limit=transfer.limit)
-    return HttpResponse(response.status, headers, b"", spooled=True)
+    return HttpResponse(response.status, headers, b"")    # the body is in the spool
 
 
 def stream_error(event: Mapping[str, Any]) -> ToolError:
