@@ -88,6 +88,8 @@ DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_RETRIES = 2
 ENV_API_KEY = "APIYI_API_KEY"
 ENV_BASE_URL = "APIYI_BASE_URL"
+# What stands for the key wherever the tool shows or writes text that held it (a server may echo it).
+KEY_MASK = "***"
 GENERATIONS_PATH = "/images/generations"
 EDITS_PATH = "/images/edits"
 
@@ -585,12 +587,14 @@ def parse_size_text(text: str) -> tuple[str, int, int]:
 
 
 def size_rule_violations(width: int, height: int) -> list[str]:
+    if min(width, height) == 0:
+        return ["width and height must be above 0"]
     rules = []
     if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
         rules.append(f"width and height must be multiples of {SIZE_MULTIPLE}")
     if max(width, height) > MAX_EDGE:
         rules.append(f"the longest edge must be at most {MAX_EDGE}")
-    if min(width, height) == 0 or max(width, height) / min(width, height) > MAX_ASPECT:
+    if max(width, height) / min(width, height) > MAX_ASPECT:
         rules.append("the aspect ratio must be at most 3:1")
     if not MIN_PIXELS <= width * height <= MAX_PIXELS:
         rules.append(f"the total pixels must be between {MIN_PIXELS:,} and {MAX_PIXELS:,} (got {width * height:,})")
@@ -622,8 +626,12 @@ def nearest_valid_size(width: float, height: float) -> tuple[int, int]:
 
 
 def fit_within_limits(width: float, height: float) -> tuple[float, float]:
+    """Ratio first, then scaled as a whole (so 6000x2000 keeps 3:1 as 3840x1280)."""
     if max(width, height) / min(width, height) > MAX_ASPECT:
         width, height = (height * MAX_ASPECT, height) if width > height else (width, width * MAX_ASPECT)
+    if max(width, height) > MAX_EDGE:
+        factor = MAX_EDGE / max(width, height)
+        width, height = width * factor, height * factor
     pixels = width * height
     if not MIN_PIXELS <= pixels <= MAX_PIXELS:
         factor = math.sqrt((MAX_PIXELS if pixels > MAX_PIXELS else MIN_PIXELS) / pixels)
@@ -657,8 +665,8 @@ def resolve_size(text: Optional[str], resolution: Optional[str]) -> tuple[Option
                              hint=f"drop -r, or use -s {a}:{b} -r {resolution}", field="resolution")
         problems = size_rule_violations(a, b)
         if problems:
-            w, h = nearest_valid_size(a, b)
-            raise UsageError(f"--size {a}x{b}: {'; '.join(problems)}; nearest valid size is {w}x{h}")
+            nearest = "e.g. 1024x1024" if 0 in (a, b) else "nearest valid size is %dx%d" % nearest_valid_size(a, b)
+            raise UsageError(f"--size {a}x{b}: {'; '.join(problems)}; {nearest}")
         return f"{a}x{b}", ""
     return resolve_ratio(a, b, resolution or "1K")
 
@@ -1430,7 +1438,7 @@ def build_request(job: ImageJob, config: ApiConfig) -> HttpRequest:
 def describe_request(request: HttpRequest, job: ImageJob, config: ApiConfig) -> dict[str, Any]:
     """What --dry-run shows: the request with the key redacted and file parts summarised."""
     headers = dict(request.headers)
-    headers["Authorization"] = "Bearer <redacted>" if config.api_key else f"Bearer <no key: set {ENV_API_KEY}>"
+    headers["Authorization"] = f"Bearer {KEY_MASK}" if config.api_key else f"Bearer <no key: set {ENV_API_KEY}>"
     described: dict[str, Any] = {"method": request.method, "url": request.url, "headers": headers}
     if isinstance(request.body, MultipartBody):
         described["fields"] = {k: form_value(v) for k, v in job.fields.items()}
@@ -2823,7 +2831,7 @@ def redact(text: str, secret: str) -> str:
     """A server may echo the key in an error message; nothing a job writes keeps it, as it is or as
     JSON writes it (a key may hold a quote or a backslash)."""
     for form in {secret, json.dumps(secret)[1:-1]} if secret else ():
-        text = text.replace(form, "<redacted>")
+        text = text.replace(form, KEY_MASK)
     return text
 
 

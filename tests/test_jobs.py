@@ -429,7 +429,7 @@ def test_a_key_echoed_by_the_server_is_in_no_job_file(online: CliRunner, api: Fa
     assert online("-p", "cat", "-f", "cat.png").code == gi.EXIT_REFUSED
     (isolated / "b.json").write_text(json.dumps(["one"]), encoding="utf-8")
     assert online("--batch", "b.json").code == gi.EXIT_BATCH_PARTIAL
-    assert "<redacted>" in (isolated / "b.results.jsonl").read_text()
+    assert "***" in (isolated / "b.results.jsonl").read_text()
     assert no_key_in(state) and no_key_in(isolated)
 
 

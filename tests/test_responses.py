@@ -271,7 +271,7 @@ def test_error_body_echoing_the_key_is_redacted(online: CliRunner, api: FakeImag
                                                 "type": "invalid_request_error", "code": "invalid_api_key"}}))
     run = online("-p", "cat", "--json")
     assert run.code == gi.EXIT_AUTH
-    assert "Incorrect API key provided: <redacted>" in run.json()["error"]["message"]
+    assert "Incorrect API key provided: ***" in run.json()["error"]["message"]
 
 
 def test_progress_in_a_log_is_one_line_per_interval(online: CliRunner, api: FakeImagesAPI,

@@ -48,6 +48,10 @@ INVALID = [
     pytest.param(["-p", "cat", "-s", "1024x624"], "between 655,360 and 8,294,400 (got 638,976)", id="size-few-pixels"),
     pytest.param(["-p", "cat", "-s", "2896x2880"], "(got 8,340,480); nearest valid size is 2880x2880",
                  id="size-many-pixels"),
+    pytest.param(["-p", "cat", "-s", "6000x2000"], "nearest valid size is 3840x1280", id="size-scaled-keeps-3:1"),
+    pytest.param(["-p", "cat", "-s", "8000x4000"], "nearest valid size is 3840x1920", id="size-scaled-keeps-2:1"),
+    pytest.param(["-p", "cat", "-s", "0x0"], "--size 0x0: width and height must be above 0; e.g. 1024x1024",
+                 id="size-zero"),
     pytest.param(["-p", "cat", "-s", "4:1"], "at most 3:1; nearest valid ratio is 3:1", id="ratio-wide"),
     pytest.param(["-p", "cat", "-s", "1:4"], "nearest valid ratio is 1:3", id="ratio-tall"),
     pytest.param(["-p", "cat", "-s", "0:1"], "both sides of a ratio must be above 0", id="ratio-zero"),
@@ -287,7 +291,7 @@ def test_dry_run_shows_request_without_key(cli: CliRunner, monkeypatch: pytest.M
     assert run.code == 0
     head, body, outputs = run.out.split("\n\n")
     assert head.splitlines()[:2] == ["POST https://api.apiyi.com/v1/images/generations",
-                                     "Authorization: Bearer <redacted>"]
+                                     "Authorization: Bearer ***"]
     assert json.loads(body) == {"model": "gpt-image-2", "prompt": "橘猫", "size": "1536x1024", "quality": "high",
                                 "output_format": "jpeg", "output_compression": 80}
     assert outputs == "output: cat.jpg\n"
