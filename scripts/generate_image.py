@@ -149,6 +149,8 @@ MAX_IMAGE_BYTES = MAX_PIXELS * 4 + 1024 * 1024
 MAX_IMAGE_BASE64 = MAX_IMAGE_BYTES * 4 // 3 + 4
 ANSWER_JSON_ROOM = 1024 * 1024
 ERROR_EXCERPT_CHARS = 300
+# An error body up to this size is given whole in --json ("body"), cleaned; a longer one only as excerpt.
+ERROR_BODY_IN_JSON = 2048
 PROGRESS_TTY_INTERVAL_S = 1.0
 PROGRESS_LOG_INTERVAL_S = 15.0
 FALLBACK_FOLDER = "apiyi-gpt-image-2"
@@ -215,6 +217,8 @@ DATA_URL_LIMIT = 256  # the longest data:image/...;base64, prefix looked for
 
 # Terminal escape sequences (CSI, OSC) and other control characters a server could send to the console.
 CONTROL_TEXT = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|[\x00-\x1f\x7f-\x9f]")
+# A run this long in server text is image data, never shown.
+BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{200,}")
 
 # Names Windows will not create; a batch file must work the same everywhere, so they are refused on
 # every platform: reserved device names (with any extension), trailing dots or spaces, <>:"|?* and
@@ -241,7 +245,7 @@ class ToolError(Exception):
 
     def __init__(self, message: str, *, hint: str = "", status: Optional[int] = None,
                  code: Optional[str] = None, kind: str = "", problems: Sequence[str] = (),
-                 field: str = "") -> None:
+                 field: str = "", body: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -249,6 +253,7 @@ class ToolError(Exception):
         self.code = code
         self.problems = tuple(problems)
         self.field = field  # the setting at fault, as a batch file names it
+        self.body = body  # a short error body from the server, whole and cleaned, for --json
         if kind:
             self.kind = kind
 
@@ -1975,9 +1980,17 @@ def clean_text(text: str) -> str:
 def body_excerpt(body: Union[bytes, bytearray, str]) -> str:
     """Server text shortened for one line: tags and control characters out, base64 never shown."""
     raw = body[:4096] if isinstance(body, str) else bytes(body[:4096]).decode("utf-8", "replace")
-    text = re.sub(r"[A-Za-z0-9+/=]{200,}", "[base64]", re.sub(r"<[^>]*>", " ", clean_text(raw)))
+    text = BASE64_RUN.sub("[base64]", re.sub(r"<[^>]*>", " ", clean_text(raw)))
     text = re.sub(r"\s+", " ", text).strip()
     return text[:ERROR_EXCERPT_CHARS] + ("..." if len(text) > ERROR_EXCERPT_CHARS else "")
+
+
+def short_body(body: Union[bytes, bytearray]) -> str:
+    """The whole error body when it is short and holds no image data; else nothing (the excerpt stays)."""
+    if len(body) > ERROR_BODY_IN_JSON:
+        return ""
+    text = clean_text(bytes(body).decode("utf-8", "replace")).strip()
+    return "" if BASE64_RUN.search(text) else text
 
 
 def request_id_of(headers: Mapping[str, str]) -> str:
@@ -2022,7 +2035,8 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
         cls = MaybeBilledError
     elif 300 <= status < 500 and not is_retryable(status):
         cls = RefusedError
-    return cls(message, status=status, code=code or None, hint=status_hint(status, code, config))
+    return cls(message, status=status, code=code or None, hint=status_hint(status, code, config),
+               body=short_body(response.body))
 
 
 def load_json_object(raw: Union[bytes, bytearray]) -> dict[str, Any]:
@@ -2808,7 +2822,7 @@ def error_from_document(document: Mapping[str, Any]) -> ToolError:
     """A failure recorded by a worker, with the exit code it had there."""
     err = ToolError(str(document.get("message") or "the job failed"), hint=document.get("hint") or "",
                     status=document.get("status"), code=document.get("code"), kind=document.get("kind") or "error",
-                    problems=document.get("problems") or ())
+                    problems=document.get("problems") or (), body=document.get("body") or "")
     err.exit_code = int(document.get("exit_code") or EXIT_BUG)
     return err
 
@@ -4052,7 +4066,8 @@ def result_document(result: RunResult) -> dict[str, Any]:
 def error_document(err: ToolError) -> dict[str, Any]:
     document = {"kind": err.kind, "message": err.message, "status": err.status, "code": err.code,
                 "hint": err.hint or None, "exit_code": err.exit_code}
-    return {**document, "problems": list(err.problems)} if err.problems else document
+    extras = {"problems": list(err.problems), "body": err.body}
+    return {**document, **{name: value for name, value in extras.items() if value}}
 
 
 def body_lines(described: Mapping[str, Any]) -> list[str]:

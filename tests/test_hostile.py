@@ -110,6 +110,20 @@ def test_server_text_in_errors_is_cleaned_and_short(online: CliRunner, api: Fake
     assert "\x1b" not in run.err and "\x07" not in run.err and len(error_line) < 420
 
 
+@pytest.mark.parametrize("body, shown", [
+    (b'{"error": {"message": "bad \\u001b[31mrequest", "code": "x", "param": "size"}}',
+     '{"error": {"message": "bad \\u001b[31mrequest", "code": "x", "param": "size"}}'),
+    (b"<html>\x1b[2Jnot json</html>", "<html> not json</html>"),
+    (b"x" * 2049, None),
+    (b"see " + b"QUFB" * 60, None),
+], ids=["json", "html-with-escape", "too-long", "image-data"])
+def test_a_short_error_body_is_given_whole_in_json(online: CliRunner, api: FakeImagesAPI, body: bytes,
+                                                   shown: str) -> None:
+    api.queue(Reply(status=400, body=body))
+    error = online("-p", "cat", "--json").json()["error"]
+    assert error.get("body") == shown and error["exit_code"] == gi.EXIT_REFUSED
+
+
 def test_an_error_body_is_read_to_64_kib_at_most(online: CliRunner, api: FakeImagesAPI) -> None:
     api.queue(Reply(status=500, body=b"<html>" + b"x" * 5_000_000), Reply(status=500, body=b"short"),
               Reply(status=500, body=b"short"))
