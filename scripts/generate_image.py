@@ -139,6 +139,12 @@ AUTH_STATUSES = frozenset({401, 402, 403})
 QUOTA_ERROR_CODE = "insufficient_quota"
 
 READ_CHUNK = 1024 * 1024
+# Connecting (TLS and a proxy tunnel included) and sending the request have a deadline of their own, so
+# a slow upload never eats the time --timeout gives the server to generate: a minute, plus the body at
+# the pace of a slow link (400 kbit/s).
+CONNECT_TIMEOUT_S = 60.0
+UPLOAD_BASE_S = 60.0
+UPLOAD_MIN_BYTES_PER_S = 50_000
 ERROR_BODY_LIMIT = 64 * 1024
 # A 200 answer that holds no usable image was most likely billed all the same.
 PAID_ANSWER_HINT = "the request was probably billed; retrying buys a new image"
@@ -1458,7 +1464,70 @@ def describe_request(request: HttpRequest, job: ImageJob, config: ApiConfig) -> 
 # --- Transport ---
 
 
-def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool,
+class Watchdog:
+    """Ends one exchange at its deadline, whatever it is blocked on. A socket timeout bounds each read
+    only, so a status line trickled a byte at a time would never trip it; shutting the socket down
+    wakes a blocked send or read at once, on every platform."""
+
+    def __init__(self) -> None:
+        self.sockets: list[Any] = []
+        self.expired = ""           # whose deadline passed: "upload" or "answer"
+        self._timer: Optional[threading.Timer] = None
+
+    def arm(self, seconds: float, stage: str) -> None:
+        """Also the limit of each read or write from now on (called on the thread that does them)."""
+        self.disarm()
+        for sock in self.sockets:
+            sock.settimeout(seconds)
+        self._timer = threading.Timer(seconds, self._expire, (stage,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def disarm(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+
+    def _expire(self, stage: str) -> None:
+        import socket
+
+        self.expired = stage
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)   # the plain call: TLS state stays for the reader
+
+
+def upload_deadline_s(request: HttpRequest) -> float:
+    body = request.body
+    size = len(body) if isinstance(body, bytes) else body.length
+    return UPLOAD_BASE_S + size / UPLOAD_MIN_BYTES_PER_S
+
+
+def watched_handlers(watchdog: Watchdog, io_timeout_s: float) -> list[Any]:
+    """HTTP(S) handlers whose connections hand their socket to the watchdog once connected, then wait
+    up to io_timeout_s for each write (connecting has its own limit, CONNECT_TIMEOUT_S)."""
+    import http.client
+    import urllib.request
+
+    def watched(base: type) -> type:
+        class Watched(base):   # type: ignore[valid-type, misc]
+            def connect(self) -> None:
+                super().connect()
+                self.sock.settimeout(io_timeout_s)
+                watchdog.sockets.append(self.sock)
+        return Watched
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
+
+    return [Http(), Https()] if hasattr(http.client, "HTTPSConnection") else [Http()]
+
+
+def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool, watchdog: Watchdog,
              on_stage: Callable[[str], None] = lambda stage: None) -> Any:
     """urllib with the environment's proxies; without follow_redirects a 3xx comes back as an
     HTTPError, because urllib would resend the Authorization header to the new host."""
@@ -1468,13 +1537,16 @@ def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool,
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
             return None
 
-    handlers: list[Any] = [] if follow_redirects else [RefuseRedirects()]
+    # While sending, the watchdog ends the upload at its deadline; the socket's own limit is a backstop.
+    write_limit_s = 2 * upload_deadline_s(request) if request.body else timeout_s
+    handlers: list[Any] = watched_handlers(watchdog, write_limit_s)
+    handlers += [] if follow_redirects else [RefuseRedirects()]
     if is_loopback_host(urlsplit_host(request.url)):
         handlers.append(urllib.request.ProxyHandler({}))   # this machine: no proxy ever sees the key
     opener = urllib.request.build_opener(*handlers)
     data = body_pieces(request.body, on_stage) if request.body else None
     urllib_request = urllib.request.Request(request.url, data=data, headers=request.headers, method=request.method)
-    return opener.open(urllib_request, timeout=timeout_s)
+    return opener.open(urllib_request, timeout=min(timeout_s, CONNECT_TIMEOUT_S))
 
 
 def body_pieces(body: Union[bytes, MultipartBody], on_stage: Callable[[str], None]) -> Iterator[bytes]:
@@ -1558,43 +1630,63 @@ PreviewSink = Callable[[Callable[[IO[bytes]], tuple[int, str]]], None]   # takes
 
 def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bool = False,
                  transfer: Transfer = Transfer()) -> HttpResponse:
-    """One HTTP exchange. Failures before the request is delivered raise ConnectError (retryable);
-    after it, MaybeBilledError (the gateway may already be generating and billing). The socket
-    timeout is also the idle limit of an event stream: silence for timeout_s ends it."""
+    """One HTTP exchange. Connecting and sending have the upload deadline; from the last byte sent
+    (or from the start, with no body) the whole answer has timeout_s, status line and headers
+    included. Failures before the request is delivered raise ConnectError (retryable); after it,
+    MaybeBilledError (the gateway may already be generating and billing)."""
     import http.client
-    import socket
     import urllib.error
 
     sent: list[float] = []      # when the last byte went out: --timeout counts from there
+    watchdog = Watchdog()
 
     def on_stage(stage: str) -> None:
-        sent.extend([time.monotonic()] if stage == "sent" else [])
+        if stage == "sent":
+            sent.append(time.monotonic())
+            watchdog.arm(timeout_s, "answer")
+        elif watchdog.expired:
+            raise TimeoutError("the upload took too long")
         transfer.on_stage(stage)
 
     def deadline() -> float:
         return (sent[0] if sent else time.monotonic()) + timeout_s
 
+    watchdog.arm(*((upload_deadline_s(request), "upload") if request.body else (timeout_s, "answer")))
     try:
-        with open_url(request, timeout_s=timeout_s, follow_redirects=follow_redirects, on_stage=on_stage) as response:
+        with open_url(request, timeout_s=timeout_s, follow_redirects=follow_redirects, watchdog=watchdog,
+                      on_stage=on_stage) as response:
             transfer.on_stage("receiving")
             return read_answer(response, transfer, deadline=deadline())
     except urllib.error.HTTPError as err:
         return HttpResponse(err.code, lowercase_headers(err.headers), read_error_body(err, deadline=deadline()))
-    except urllib.error.URLError as err:
-        if sent:    # urllib wraps what failed after the last byte went out: never a retry
-            raise MaybeBilledError(f"the connection to {host_of(request.url)} failed after the request was "
-                                   f"sent: {reason_text(err.reason)}", kind="dropped", hint=billed_hint()) from None
-        raise ConnectError(f"could not reach {host_of(request.url)}: {reason_text(err.reason)}",
-                           hint=connect_hint(reason_text(err.reason))) from None
-    except (socket.timeout, TimeoutError):
-        raise MaybeBilledError(f"no complete answer from {host_of(request.url)} within {timeout_s:g} s",
-                               hint=billed_hint(timeout_s)) from None
-    except ValueError as err:   # http.client: a chunk size that is not a number
-        raise MaybeBilledError(f"the answer from {host_of(request.url)} was malformed: {body_excerpt(str(err))}",
-                               kind="dropped", hint=billed_hint()) from None
-    except (http.client.HTTPException, OSError) as err:
-        raise MaybeBilledError(f"the connection to {host_of(request.url)} dropped after the request was sent: "
-                               f"{reason_text(err)}", kind="dropped", hint=billed_hint()) from None
+    except (http.client.HTTPException, OSError, ValueError) as err:  # ValueError: a chunk size not a number
+        raise exchange_failure(err, request, sent=bool(sent), expired=watchdog.expired, timeout_s=timeout_s) from None
+    finally:
+        watchdog.disarm()
+
+
+def exchange_failure(err: Exception, request: HttpRequest, *, sent: bool, expired: str,
+                     timeout_s: float) -> ToolError:
+    """What a failed exchange means for the bill: nothing was billed before the last byte went out."""
+    import socket
+    import urllib.error
+
+    host = host_of(request.url)
+    if expired == "upload" and not sent:
+        return ServiceError(f"connecting to {host} and sending the request took longer than "
+                            f"{upload_deadline_s(request):.0f} s; nothing was billed", kind="upload_timeout",
+                            hint="check the network, or send smaller input images")
+    if expired == "answer" or isinstance(err, (socket.timeout, TimeoutError)):
+        return MaybeBilledError(f"no complete answer from {host} within {timeout_s:g} s",
+                                hint=billed_hint(timeout_s))
+    reason = reason_text(err.reason if isinstance(err, urllib.error.URLError) else err)
+    if not sent and isinstance(err, urllib.error.URLError):
+        return ConnectError(f"could not reach {host}: {reason}", hint=connect_hint(reason))
+    if isinstance(err, ValueError):
+        return MaybeBilledError(f"the answer from {host} was malformed: {body_excerpt(str(err))}",
+                                kind="dropped", hint=billed_hint())
+    return MaybeBilledError(f"the connection to {host} dropped after the request was sent: {reason}",
+                            kind="dropped", hint=billed_hint())
 
 
 class EventSpanParser:
@@ -4372,9 +4464,9 @@ def build_parser() -> CliParser:
     conn.add_argument("-k", "--api-key", metavar="KEY", help=f"API key (default: ${ENV_API_KEY})")
     conn.add_argument("--base-url", metavar="URL", help=f"API base (default: ${ENV_BASE_URL}, else {DEFAULT_BASE_URL})")
     conn.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_S, metavar="S",
-                      help="seconds to wait for the answer, counted from when the request is completely sent "
-                           "(connecting and each step of the upload may take as long again); at most 86400 "
-                           "(default %(default)g)")
+                      help="seconds to wait for the whole answer (status line and headers included), counted "
+                           "from when the request is completely sent; connecting and sending have their own "
+                           "deadline: 60 s plus 1 s per 50 kB sent; at most 86400 (default %(default)g)")
     conn.add_argument("--retries", type=int_in_range(0, MAX_RETRIES), default=DEFAULT_RETRIES, metavar="N",
                       help="retries on connection failure, 408, 409, 429 and 5xx, never after a timeout "
                            "(default %(default)s)")

@@ -16,6 +16,7 @@ import email.policy
 import io
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -101,6 +102,7 @@ class Reply:
     truncate: Optional[int] = None      # send only this many body bytes, then close
     reset: bool = False                 # with truncate: abort the connection (RST) instead of closing it
     trickle: Optional[float] = None     # pause this long between 1 KB pieces of the body
+    trickle_head: Optional[float] = None  # send the status line and headers a byte at a time, this far apart
     pieces: Optional[list[bytes]] = None  # an event stream: these pieces (body ignored), no Content-Length
     gap: float = 0.0                    # pause between pieces
     before: Optional[Callable[[Recorded], None]] = None
@@ -167,7 +169,7 @@ class FakeImagesAPI:
     """Start with `with FakeImagesAPI() as api:`; queue Replies with api.queue(...), or set
     api.route to a function that picks a Reply for a request (None: the queue, then the default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: Optional[ssl.SSLContext] = None) -> None:
         self.requests: list[Recorded] = []
         self.replies: collections.deque[Reply] = collections.deque()
         self.route: Optional[Callable[[Recorded], Optional[Reply]]] = None
@@ -177,13 +179,16 @@ class FakeImagesAPI:
         self.stall_upload = 0.0     # wait this long before reading a request's body
         self.lock = threading.Lock()
         self.server = Server(("127.0.0.1", 0), self._handler_class())
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
                                        daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def __enter__(self) -> FakeImagesAPI:
         self.thread.start()
@@ -251,6 +256,7 @@ class FakeImagesAPI:
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 payload = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                self.trickle_head = reply.trickle_head
                 try:
                     self.send_response(reply.status)
                     content_type = "application/json" if not isinstance(reply.body, bytes) else "text/html"
@@ -262,6 +268,15 @@ class FakeImagesAPI:
                     self.send_body(payload, reply)
                 except OSError:
                     pass
+
+            def flush_headers(self) -> None:
+                if getattr(self, "trickle_head", None) is None:
+                    return super().flush_headers()
+                for byte in b"".join(getattr(self, "_headers_buffer", [])):
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(self.trickle_head)
+                self._headers_buffer = []
 
             def send_body(self, payload: bytes, reply: Reply) -> None:
                 if reply.pieces is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from email.utils import formatdate
 from pathlib import Path
@@ -70,7 +71,8 @@ def test_json_error_document(online: CliRunner, api: FakeImagesAPI, status: int,
     run = online("-p", "cat", "--json")
     assert run.json() == {"ok": False, "error": {
         "kind": kind, "message": f"HTTP {status}: nope (type invalid_request_error, code some_code)",
-        "status": status, "code": "some_code", "hint": run.json()["error"]["hint"], "exit_code": run.code}}
+        "status": status, "code": "some_code", "hint": run.json()["error"]["hint"], "exit_code": run.code,
+        "body": json.dumps(api_error("nope", code="some_code"))}}
 
 
 def test_transient_failure_then_success(online: CliRunner, api: FakeImagesAPI, pauses: list[float]) -> None:

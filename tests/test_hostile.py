@@ -6,13 +6,15 @@ import base64
 import json
 import os
 import subprocess
+import ssl
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import generate_image as gi
-from conftest import CliRunner
+from conftest import TEST_KEY, CliRunner
 from fake_api import FakeImagesAPI, Reply, images_answer, make_png, sse_images, stream_reply
 from test_subprocess import find_python
 
@@ -135,6 +137,74 @@ def test_too_many_headers_after_sending_is_exit_6(online: CliRunner, api: FakeIm
     api.queue(Reply(body=b"{}", headers={f"X-Junk-{i}": "1" for i in range(150)}))
     run = online("-p", "cat")
     assert run.code == gi.EXIT_MAYBE_BILLED and "got more than 100 headers" in run.err
+
+
+def test_a_trickled_status_line_is_cut_at_the_timeout(online: CliRunner, api: FakeImagesAPI,
+                                                      isolated: Path) -> None:
+    api.queue(Reply(body=images_answer([make_png(64, 64)]), trickle_head=0.05))   # ~6 s for the head alone
+    started = time.monotonic()
+    run = online("-p", "cat", "-f", "cat.png", "--timeout", "1")
+    assert (run.code, run.out) == (gi.EXIT_MAYBE_BILLED, "")
+    assert "no complete answer from 127.0.0.1" in run.err and "within 1 s" in run.err
+    assert time.monotonic() - started < 4.5 and no_leftovers(isolated)
+
+
+@pytest.fixture
+def tls_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeImagesAPI:
+    """The fake API behind TLS with a certificate from a test authority the client is told to trust."""
+    import trustme
+
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    authority.cert_pem.write_to_path(str(tmp_path / "authority.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "authority.pem"))
+    with FakeImagesAPI(tls=context) as server:
+        monkeypatch.setenv("APIYI_BASE_URL", server.url)
+        monkeypatch.setenv("APIYI_API_KEY", TEST_KEY)
+        yield server
+
+
+@pytest.mark.parametrize("reply, code", [(Reply(body=images_answer([make_png(64, 64)])), 0),
+                                         (Reply(body=images_answer([make_png(64, 64)]), trickle_head=0.05),
+                                          gi.EXIT_MAYBE_BILLED)], ids=["answer", "trickled-head"])
+def test_over_tls_the_answer_arrives_and_the_deadline_holds(cli: CliRunner, tls_api: FakeImagesAPI,
+                                                            reply: Reply, code: int) -> None:
+    tls_api.queue(reply)
+    started = time.monotonic()
+    run = cli("-p", "cat", "-f", "cat.png", "--timeout", "1")
+    assert run.code == code and tls_api.requests[0].header("Authorization") == f"Bearer {TEST_KEY}"
+    assert time.monotonic() - started < 4.5
+    assert ("within 1 s" in run.err) == bool(code)
+
+
+def big_input(folder: Path, megabytes: int) -> Path:
+    """A PNG the tool accepts, padded after its end: more than loopback buffers hold."""
+    path = folder / "big.png"
+    path.write_bytes(make_png(64, 64) + b"\0" * (megabytes << 20))
+    return path
+
+
+def test_a_slow_upload_does_not_eat_the_timeout(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    api.stall_upload = 2.0      # the server reads nothing for 2 s: the send blocks until then
+    api.queue(Reply(body=images_answer([make_png(64, 64)])))
+    run = online("-p", "cat", "-i", str(big_input(isolated, 40)), "-f", "cat.png", "--timeout", "1")
+    assert (run.code, run.out) == (0, "cat.png\n")
+    assert len(api.requests[0].body) > 40 << 20
+
+
+def test_an_upload_past_its_deadline_is_exit_5_and_nothing_billed(online: CliRunner, api: FakeImagesAPI,
+                                                                  isolated: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gi, "UPLOAD_BASE_S", 0.5)
+    monkeypatch.setattr(gi, "UPLOAD_MIN_BYTES_PER_S", 10 ** 12)
+    api.stall_upload = 3.0
+    run = online("-p", "cat", "-i", str(big_input(isolated, 40)), "-f", "cat.png", "--retries", "0")
+    assert (run.code, run.out) == (gi.EXIT_UNAVAILABLE, "")
+    assert "sending the request took longer than 1 s; nothing was billed" in run.err
+    assert "hint: check the network, or send smaller input images" in run.err
+    time.sleep(3)   # the server reads what arrived, finds it cut short, and records nothing
+    assert api.requests == [] and sorted(p.name for p in isolated.iterdir()) == ["big.png"]
 
 
 @pytest.mark.parametrize("version", ["3.7", "3.8"])
