@@ -1625,7 +1625,8 @@ def check_deadline(deadline: float) -> None:
         raise TimeoutError("the answer took longer than --timeout")
 
 
-PreviewSink = Callable[[Callable[[IO[bytes]], tuple[int, str]]], None]   # takes how to write a preview
+# Hears each preview (with how to write it) and each completed image (None), in stream order.
+PreviewSink = Callable[[Optional[Callable[[IO[bytes]], tuple[int, str]]], Mapping[str, Any]], None]
 
 
 def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bool = False,
@@ -1791,7 +1792,9 @@ def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, 
             kind, event, value = spooled_event(spool, name, spans)
             ended = ended or kind == "done"
             if kind == "partial" and value is not None:
-                on_preview(functools.partial(decode_spooled_image, spool, value))
+                on_preview(functools.partial(decode_spooled_image, spool, value), event)
+            elif kind == "completed":
+                on_preview(None, event)
             completed += kind == "completed"
     spool.flush()
     if not completed:
@@ -1827,6 +1830,8 @@ def read_spooled_stream(spool: IO[bytes]) -> tuple[dict[str, Any], tuple[ImageSo
         raise ServiceError("the stream ended before the final image", hint=PAID_ANSWER_HINT)
     meta = {k: v for k, v in completed[-1][0].items() if k not in ("type", "b64_json")}
     meta["data"] = [event for event, _ in completed]
+    if len(completed) > 1:      # n > 1: each image's event carries the usage of its own generation
+        meta["usage"] = total_usage([event for event, _ in completed])
     return meta, tuple(value if value is not None else event_url(event) for event, value in completed)
 
 
@@ -2501,25 +2506,39 @@ LIVE_TEMPORARIES: set[Path] = set()
 
 
 class PreviewWriter:
-    """Streamed previews beside the target: one NAME.partial.png replaced by each newer preview (an
-    image viewer showing it updates), or NAME.partial-1.png, -2, ... kept. A preview never replaces
-    a file it did not write. Used by the thread that reads the stream."""
+    """Streamed previews beside each image's target: one NAME.partial.png replaced by each newer
+    preview (an image viewer showing it updates), or NAME.partial-1.png, -2, ... kept. A preview never
+    replaces a file it did not write. Used by the thread that reads the stream.
+    With n > 1 the API does not say which image a preview belongs to: images are taken to stream one
+    after another, so a completed image, or a partial_image_index that does not grow, starts the next."""
 
     def __init__(self, job: ImageJob, emit: Emit, started: float) -> None:
-        self.target = job.output.path
+        self.targets = output_paths(job.output, job.n)
         self.keep = job.output.keep_partials
         self.expected = int(job.fields.get("partial_images", 0))
         self.emit = emit
         self.started = started
-        self.count = 0
+        self.count = 0                  # previews received, all images together
+        self.image, self.in_image, self.last_index = 1, 0, -1
         self.paths: list[Path] = []     # every preview file written, in order
+        self.current: dict[int, Path] = {}  # the file each image's next preview replaces
+
+    def hear(self, fill: Optional[ImageFill], event: Mapping[str, Any]) -> None:
+        index = event.get("partial_image_index")
+        index = index if isinstance(index, int) and not isinstance(index, bool) else self.last_index + 1
+        if (fill is None or index <= self.last_index) and self.image < len(self.targets):
+            self.image, self.in_image = self.image + 1, 0
+        self.last_index = -1 if fill is None else index
+        if fill is not None:
+            self.count, self.in_image = self.count + 1, self.in_image + 1
+            self.save(fill)
 
     def save(self, fill: ImageFill) -> None:
         """Decoded straight from the spool into a file named for its real format."""
-        self.count += 1
-        label = f"partial-{self.count}" if self.keep else "partial"
-        wanted = self.target.with_name(f"{self.target.stem}.{label}{self.target.suffix}")
-        own = self.paths[-1] if self.paths and not self.keep else None
+        target, name = self.targets[self.image - 1], self.preview_name()
+        label = f"partial-{self.in_image}" if self.keep else "partial"
+        wanted = target.with_name(f"{target.stem}.{label}{target.suffix}")
+        own = None if self.keep else self.current.get(self.image)
 
         def name_for(image: SavedImage) -> Path:
             return path_for_format(own or wanted, image.info.format)
@@ -2528,24 +2547,31 @@ class PreviewWriter:
             wanted.parent.mkdir(parents=True, exist_ok=True)
             path = save_file(wanted, fill_and_inspect(fill), replace=own is not None, rename=name_for)[0]
         except ServiceError as err:
-            self.emit("warning", message=f"preview {self.count} skipped: {err.message}")
+            self.emit("warning", message=f"{name} skipped: {err.message}")
             return
         except OSError as err:
-            self.emit("warning", message=f"preview {self.count} could not be written: {err.strerror or err}")
+            self.emit("warning", message=f"{name} could not be written: {err.strerror or err}")
             return
+        self.current[self.image] = path
         if path not in self.paths:
             self.paths.append(path)
-        self.emit("preview", index=self.count, of=self.expected, path=str(path),
+        image = {"image": self.image} if len(self.targets) > 1 else {}
+        self.emit("preview", **image, index=self.in_image, of=self.expected, path=str(path),
                   after_s=round(time.monotonic() - self.started, 3))
 
+    def preview_name(self) -> str:
+        return (f"image {self.image}, " if len(self.targets) > 1 else "") + f"preview {self.in_image}"
 
-def settle_previews(paths: Sequence[Path], *, keep: bool, final_saved: bool) -> tuple[Path, ...]:
-    """The preview files left on disk: all when kept, the last one when no final image came."""
-    if keep or not final_saved:
+
+def settle_previews(paths: Sequence[Path], *, keep: bool, arrived: Sequence[Path]) -> tuple[Path, ...]:
+    """The preview files left on disk: all when kept, else the last one of each image that did not
+    arrive (a preview is named after its image's target: cat-2.png has cat-2.partial.png)."""
+    if keep:
         return tuple(paths)
-    for path in paths:
+    done = [p for p in paths if any(p.name.startswith(f"{target.stem}.partial") for target in arrived)]
+    for path in done:
         remove_quietly(path)
-    return ()
+    return tuple(p for p in paths if p not in done)
 
 
 def fallback_folder(*, create: bool = True) -> Path:
@@ -2683,15 +2709,16 @@ def fetch_answer(job: ImageJob, config: ApiConfig, *, spool: Path, emit: Emit,
     try:
         with open(spool, "w+b") as handle:
             transfer = Transfer(spool=handle, limit=answer_cap(job), on_stage=on_stage,
-                                on_preview=previews.save if previews else None)
+                                on_preview=previews.hear if previews else None)
             response = send_with_retries(request, config, notify=lambda text: emit("retry", message=text),
                                          gate=gate, transfer=transfer)
             if not 200 <= response.status < 300:
                 raise error_for_status(response, config)
     except ToolError as err:
         remove_quietly(spool)
-        if previews and previews.paths:
-            err.message += f"; the last preview is kept at {previews.paths[-1]}"
+        if previews and previews.current:
+            kept = ", ".join(str(path) for path in previews.current.values())
+            err.message += f"; the last preview is kept at {kept}"
         raise
     return Received(request_id_of(response.headers), time.monotonic() - started, response.streamed,
                     previews.count if previews else None, tuple(previews.paths) if previews else ())
@@ -2700,7 +2727,7 @@ def fetch_answer(job: ImageJob, config: ApiConfig, *, spool: Path, emit: Emit,
 def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: ApiConfig) -> RunResult:
     """Decode and write what the spooled answer holds: a single run, a batch item, a recovery."""
     meta, sources = read_spooled_answer(spool, streamed=received.streamed)
-    saved, warnings, problem = save_all(job, sources, spool, config)
+    saved, arrived, warnings, problem = save_all(job, sources, spool, config)
     for image in saved if job.output.metadata else ():
         metadata = build_metadata(job, image, meta, request_id=received.request_id, elapsed_s=received.elapsed_s)
         metadata = json.loads(redact(json.dumps(metadata, ensure_ascii=False), config.api_key))  # an echoed key
@@ -2712,18 +2739,19 @@ def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: 
     if fallbacks and problem is None:
         problem = FallbackSaveError(f"{fallbacks[0].fallback_reason}; saved to the fallback {fallbacks[0].path}",
                                     hint="use the printed path, or move the file where you want it")
-    partials = settle_previews(received.preview_paths, keep=job.output.keep_partials, final_saved=bool(saved))
+    partials = settle_previews(received.preview_paths, keep=job.output.keep_partials, arrived=arrived)
     return RunResult(job, tuple(saved), meta, received.request_id, received.elapsed_s,
                      tuple(warnings + size_warnings(job, saved)), problem, previews=received.previews,
                      partials=partials)
 
 
 def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
-             config: ApiConfig) -> tuple[list[SavedImage], list[str], Optional[ToolError]]:
-    """Save every image that decodes; a bad one does not cost the good ones. A failure to write
-    anywhere (save_failed) is raised: the spool keeps the answer for a later attach."""
+             config: ApiConfig) -> tuple[list[SavedImage], list[Path], list[str], Optional[ToolError]]:
+    """Save every image that decodes; a bad one does not cost the good ones. Returns the images, the
+    targets they were saved for, warnings and the first problem. A failure to write anywhere
+    (save_failed) is raised: the spool keeps the answer for a later attach."""
     targets = output_paths(job.output, job.n)
-    saved, problem = [], None
+    saved, arrived, problem = [], [], None
     warnings = [f"the answer held {len(sources)} images but {job.n} were asked for: only the first "
                 f"{job.n} are saved"] if len(sources) > job.n else []
     with open(spool, "rb") as handle:
@@ -2742,9 +2770,10 @@ def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
             if image.path != intended and not image.fallback_reason:
                 warnings.append(f"{intended.name} exists: saved as {image.path.name} (--overwrite replaces it)")
             saved.append(image)
+            arrived.append(target)
     if problem is None and len(saved) < job.n:
         problem = ServiceError(f"asked for {job.n} images but the answer held {len(saved)}", hint=PAID_ANSWER_HINT)
-    return saved, warnings, problem
+    return saved, arrived, warnings, problem
 
 
 def size_warnings(job: ImageJob, saved: Sequence[SavedImage]) -> list[str]:
@@ -3530,7 +3559,8 @@ def start_line(job: ImageJob) -> str:
 # How a worker's event reads on a console; the others are shown only with --events.
 EVENT_LINES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "retry": lambda e: str(e["message"]),
-    "preview": lambda e: f"preview {e['index']}/{e['of']} after {e['after_s']:.0f} s: {e['path']}",
+    "preview": lambda e: (f"image {e['image']}, " if "image" in e else "") +
+    f"preview {e['index']}/{e['of']} after {e['after_s']:.0f} s: {e['path']}",
 }
 
 

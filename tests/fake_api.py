@@ -156,8 +156,7 @@ def default_reply(request: Recorded) -> Reply:
     if str(fields.get("stream", "")).lower() == "true":
         kind = "image_edit" if "multipart" in (request.header("Content-Type") or "") else "image_generation"
         previews = [make_image(fmt, 64, 64)] * int(fields.get("partial_images", 0))
-        return stream_reply([*sse_images(previews, None, kind=kind),
-                             *(event for image in images for event in sse_images([], image, kind=kind))])
+        return stream_reply([event for image in images for event in sse_images(previews, image, kind=kind)])
     return Reply(body=images_answer(images), headers={"x-request-id": "req_fake_123"})
 
 

@@ -11,8 +11,9 @@ import json
 import os
 import random
 import tracemalloc
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -329,8 +330,12 @@ def test_a_spooled_event_stream_gives_each_preview_as_it_ends_then_the_final_ima
     final = make_png(300, 200)
     raw = b": keep-alive\r\n\r\n" + b"".join(sse_images(partials, final, newline="\r\n", done=True))
     previews: list[bytes] = []
+    completed: list[str] = []
 
-    def preview(fill: gi.ImageFill) -> None:
+    def preview(fill: Optional[gi.ImageFill], event: Mapping[str, Any]) -> None:
+        if fill is None:
+            completed.append(event["type"])
+            return
         out = io.BytesIO()
         fill(out)
         previews.append(out.getvalue())
@@ -339,7 +344,7 @@ def test_a_spooled_event_stream_gives_each_preview_as_it_ends_then_the_final_ima
     with open(spool, "w+b") as handle:
         gi.copy_event_stream(io.BufferedReader(io.BytesIO(raw), buffer_size=333), handle, preview, deadline=1e18,
                              limit=10**8)
-    assert spool.read_bytes() == raw and previews == partials
+    assert spool.read_bytes() == raw and previews == partials and completed == ["image_generation.completed"]
     meta, sources = gi.read_spooled_answer(spool, streamed=True)
     assert (meta["usage"]["total_tokens"], meta["data"][0]["type"]) == (4210, "image_generation.completed")
     out = io.BytesIO()

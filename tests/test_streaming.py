@@ -53,6 +53,49 @@ def test_keep_partials_names_each_preview(online: CliRunner, api: FakeImagesAPI,
     assert run.out and (isolated / "out" / "cat.png").read_bytes() == FINAL
 
 
+FINALS = [make_png(1024, 1024, rgb=(250, 250, i)) for i in (1, 2)]
+ONE_AFTER_ANOTHER = [*sse_images(PARTIALS[:2], FINALS[0]), *sse_images(PARTIALS[1:3], FINALS[1])]
+PREVIEWS_FIRST = [*sse_images(PARTIALS[:2], None), *sse_images(PARTIALS[1:3], None),
+                  *sse_images([], FINALS[0]), *sse_images([], FINALS[1])]
+
+
+@pytest.mark.parametrize("events", [ONE_AFTER_ANOTHER, PREVIEWS_FIRST], ids=["one-after-another", "previews-first"])
+@pytest.mark.parametrize("keep", [False, True], ids=["replaced", "kept"])
+def test_two_streamed_images_get_previews_of_their_own(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                      events: list[bytes], keep: bool) -> None:
+    api.queue(stream_reply(events))
+    run = online("-p", "cat", "-f", "cat.png", "-n", "2", "--partial-images", "2", "--json",
+                 *(["--keep-partials"] if keep else []))
+    assert run.code == 0, run.err
+    assert [(isolated / f"cat-{i}.png").read_bytes() for i in (1, 2)] == FINALS
+    shown = [line.split(" after ")[0] for line in run.err.splitlines() if line.startswith("image ")]
+    assert shown == ["image 1, preview 1/2", "image 1, preview 2/2", "image 2, preview 1/2", "image 2, preview 2/2"]
+    document = run.json()
+    assert (document["previews"], document["usage"]["total_tokens"]) == (4, 2 * 4210)
+    kept = {p.name: p.read_bytes() for p in isolated.glob("*.partial*")}
+    assert kept == ({"cat-1.partial-1.png": PARTIALS[0], "cat-1.partial-2.png": PARTIALS[1],
+                     "cat-2.partial-1.png": PARTIALS[1], "cat-2.partial-2.png": PARTIALS[2]} if keep else {})
+
+
+def test_a_missing_image_keeps_its_last_preview(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    api.queue(stream_reply([*sse_images(PARTIALS[:2], FINALS[0]), *sse_images(PARTIALS[2:3], None)]))
+    run = online("-p", "cat", "-f", "cat.png", "-n", "2", "--partial-images", "2")
+    assert (run.code, run.out) == (gi.EXIT_UNAVAILABLE, "cat-1.png\n")
+    assert "preview kept: cat-2.partial.png" in run.err and "asked for 2 images but the answer held 1" in run.err
+    assert {p.name: p.read_bytes() for p in isolated.iterdir()} == {"cat-1.png": FINALS[0],
+                                                                    "cat-2.partial.png": PARTIALS[2]}
+
+
+def test_a_broken_stream_of_two_images_keeps_the_last_preview_of_each(online: CliRunner, api: FakeImagesAPI,
+                                                                     isolated: Path) -> None:
+    api.queue(stream_reply([*sse_images(PARTIALS[:2], None), *sse_images(PARTIALS[2:3], None)]))
+    run = online("-p", "cat", "-f", "cat.png", "-n", "2", "--partial-images", "2")
+    assert (run.code, run.out) == (gi.EXIT_MAYBE_BILLED, "")
+    assert "the last preview is kept at cat-1.partial.png, cat-2.partial.png" in run.err
+    assert {p.name: p.read_bytes() for p in isolated.iterdir()} == {"cat-1.partial.png": PARTIALS[1],
+                                                                    "cat-2.partial.png": PARTIALS[2]}
+
+
 @pytest.mark.parametrize("newline, size", [("\n", 7), ("\r\n", 1000), ("\r\n", 3), ("\r", 4096)])
 def test_events_split_across_reads_at_awkward_places(online: CliRunner, api: FakeImagesAPI, isolated: Path,
                                                      newline: str, size: int) -> None:
