@@ -3502,6 +3502,7 @@ class Console:
 
     def result(self, text: str) -> None:
         if not self.json_mode:
+            self.end_live()     # on a terminal stdout and stderr share the line the status is on
             self._write(sys.stdout, text + "\n")
 
     def document(self, payload: Mapping[str, Any]) -> None:
@@ -3956,8 +3957,11 @@ class BatchMonitor:
         self.last_live = 0.0
 
     def on_event(self, event: Mapping[str, Any]) -> bool:
-        """Takes the item events; the per-item retries and previews stay off the console."""
-        if event["event"] == "item_started":
+        """Takes the item events; a retry (a 429 that lowers the concurrency too) is shown with its
+        item, an item's previews stay off the console."""
+        if event["event"] == "retry" and "item" in event:
+            self.console.progress(f"item {event['item']}: {event['message']}")
+        elif event["event"] == "item_started":
             self.running.add(int(event["item"]))
         elif event["event"] == "item_done":
             record = event["record"]

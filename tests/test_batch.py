@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -227,6 +229,9 @@ def test_a_429_pauses_every_worker_and_halves_concurrency(online: CliRunner, api
     assert len(after) == 6
     assert max(r.in_flight for r in after[3:]) <= 2
     assert len(pauses) >= 2 and all(25 < p <= 30 for p in pauses)
+    notices = [line for line in run.err.splitlines() if "HTTP 429" in line]
+    assert len(notices) == 1 and re.fullmatch(r"item \d: HTTP 429; retry 1 of 2 in 30\.0 s; at most 2 requests "
+                                                r"in flight from now", notices[0]), run.err
 
 
 def test_resume_skips_what_the_manifest_proves_and_never_takes_a_foreign_file(online: CliRunner, api: FakeImagesAPI,
@@ -452,3 +457,22 @@ def test_a_terminal_gets_one_live_status_line(online: CliRunner, api: FakeImages
     assert run.code == 0
     assert "\rbatch: 0 done, 0 failed, 2 running, 3 total; 0:00 elapsed, ~4:30 left" in run.err
     assert "\rbatch: 2 done, 0 failed, 1 running, 3 total; 0:00 elapsed, ~0:00 left" in run.err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_status_line_is_cleared_before_a_path(online: CliRunner, api: FakeImagesAPI,
+                                                                isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    api.route = lambda request: Reply(body=SMALL_ANSWER, delay=0.3)
+    monkeypatch.setattr(gi, "PROGRESS_TTY_INTERVAL_S", 0.05)
+    screen = Terminal()     # stdout and stderr on one terminal, as a person sees them
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    assert gi.main(["--batch", str(write_batch(isolated / "b.json", ["cat", "dog", "owl"])), "-j", "2"]) == 0
+    lines = [line.split("\r")[-1] for line in screen.getvalue().split("\n")]
+    assert "\rbatch: 0 done" in screen.getvalue()
+    assert [line for line in lines if line.endswith(".png") and "] item " not in line] == [
+        "01-cat.png", "02-dog.png", "03-owl.png"]
