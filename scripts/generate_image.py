@@ -1285,6 +1285,7 @@ def plan_batch(args: argparse.Namespace) -> BatchPlan:
                          hint="fix the items named, then run the same command again")
     manifest = (expand_path(args.out_dir) if args.out_dir else source.parent) / f"{source.stem}.results.jsonl"
     check_output_folder(manifest.parent, create=False)
+    check_manifest_link(manifest)
     records, warnings = read_manifest(manifest)
     fingerprints = [request_fingerprint(job, "") for _, job in jobs]
     done = {} if args.overwrite else done_items(records, manifest.parent, set(fingerprints))
@@ -1293,6 +1294,16 @@ def plan_batch(args: argparse.Namespace) -> BatchPlan:
         proven = tuple(shown_path(p) for p in done.get(fingerprint, ()))
         items.append(BatchItem(number, job, proven if len(proven) == job.n else (), fingerprint))
     return BatchPlan(source, description, tuple(items), manifest, args.jobs or DEFAULT_JOBS, tuple(warnings))
+
+
+def check_manifest_link(manifest: Path) -> None:
+    """A manifest that is a symlink out of its folder would have the batch append to a file elsewhere."""
+    if not manifest.is_symlink():
+        return
+    folder, target = manifest.parent.resolve(), manifest.resolve()
+    if folder not in target.parents:
+        raise UsageError(f"the manifest {manifest} is a symlink to {target}, outside {folder}",
+                         hint="remove the link (or use --out-dir), then run the same command again")
 
 
 def is_loopback_host(host: str) -> bool:

@@ -476,3 +476,17 @@ def test_on_a_terminal_the_status_line_is_cleared_before_a_path(online: CliRunne
     assert "\rbatch: 0 done" in screen.getvalue()
     assert [line for line in lines if line.endswith(".png") and "] item " not in line] == [
         "01-cat.png", "02-dog.png", "03-owl.png"]
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["link-out-of-the-folder", "link-within-it"])
+def test_a_manifest_linked_out_of_the_batch_folder_is_refused(online: CliRunner, api: FakeImagesAPI,
+                                                              isolated: Path, tmp_path: Path, inside: bool) -> None:
+    elsewhere = (isolated / "kept.jsonl") if inside else (tmp_path / "elsewhere.jsonl")
+    elsewhere.write_text("")
+    (isolated / "b.results.jsonl").symlink_to(elsewhere)
+    run = online("--batch", write_batch(isolated / "b.json", ["cat"]))
+    if inside:
+        assert run.code == 0 and json.loads(elsewhere.read_text())["status"] == "ok"
+        return
+    assert (run.code, api.requests, elsewhere.read_text()) == (gi.EXIT_USAGE, [], "")
+    assert f"error: the manifest b.results.jsonl is a symlink to {elsewhere}, outside {isolated}" in run.err
