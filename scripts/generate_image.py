@@ -3602,20 +3602,7 @@ class JobWatch:
         return self.record[1]
 
     def read_events(self) -> list[dict[str, Any]]:
-        """Whole new lines only: the worker may be halfway through writing the next one."""
-        try:
-            with open(self.files.events, "rb") as handle:
-                handle.seek(self.offset)
-                chunk = handle.read()
-        except FileNotFoundError:
-            return []
-        complete = chunk[:chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        events = []
-        for line in complete.splitlines():
-            with contextlib.suppress(ValueError):       # a line torn by a killed worker says nothing
-                event = parse_json(line)
-                events.append(event) if isinstance(event, dict) and "event" in event else None
+        events, self.offset = read_events(self.files.events, self.offset)
         return events
 
     def show(self, event: Mapping[str, Any]) -> None:
@@ -3651,6 +3638,24 @@ class JobWatch:
             if max_wait is not None and time.monotonic() - started >= max_wait:
                 raise still_running(self.files.job_id, f"still running after --max-wait {max_wait:g} s")
             time.sleep(next(polls, POLL_INTERVALS_S[-1]))
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The events after offset, and where the next read starts. Whole lines only: the worker may be
+    halfway through writing the next one."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+    except FileNotFoundError:
+        return [], offset
+    complete = chunk[:chunk.rfind(b"\n") + 1]
+    events = []
+    for line in complete.splitlines():
+        with contextlib.suppress(ValueError):       # a line torn by a killed worker says nothing
+            event = parse_json(line)
+            events.append(event) if isinstance(event, dict) and "event" in event else None
+    return events, offset + len(complete)
 
 
 def still_running(job_id: str, why: str, *, exit_code: int = EXIT_STILL_RUNNING) -> StillRunning:
@@ -3832,7 +3837,7 @@ def interrupt_job(start: JobStart, signal_name: str, console: Console) -> ToolEr
     code = SIGNAL_EXITS[signal_name]
     record = read_record(start.files.record) or start.record
     if not start.detached:
-        err = InterruptedRun("interrupted; no partial file was left (a request already sent may be billed)")
+        err = interrupted_in_process(start.files, record)
         err.exit_code = code
         return err
     if not record.get("sent") and record["state"] not in FINISHED_STATES:
@@ -3845,6 +3850,40 @@ def interrupt_job(start: JobStart, signal_name: str, console: Console) -> ToolEr
         err.exit_code = code
         return err
     return still_running(start.files.job_id, f"interrupted ({signal_name})", exit_code=code)
+
+
+# What an interrupt leaves when the job was a thread of the command: it ends with the command.
+IN_PROCESS_ENDINGS = {
+    "unsent": ("interrupted before the request was completely sent: nothing was billed",
+               "run the same command again to send it"),
+    "sent": ("interrupted after the request was sent: it may be billed, and with no worker process "
+             "its answer is lost with this command", "check your APIYI usage before sending it again"),
+    "received": ("interrupted while saving: the answer is kept in the job's spool",
+                 "run the same command again to save it; nothing new is sent"),
+}
+
+
+def interrupted_in_process(files: JobFiles, record: Mapping[str, Any]) -> InterruptedRun:
+    """The truth about what is left: an unsent request stops before its next piece, this command's
+    temporaries go, the previews written stay."""
+    with contextlib.suppress(OSError):
+        files.cancel.write_text("unless-sent", encoding="ascii")
+    for temporary in list(LIVE_TEMPORARIES):
+        remove_quietly(temporary)
+    stage = "received" if record.get("received") else "sent" if record.get("sent") else "unsent"
+    message, hint = IN_PROCESS_ENDINGS[stage]
+    previews = written_previews(files)
+    kept = f"; the last preview is kept at {', '.join(previews)}" if previews else ""
+    return InterruptedRun(message + kept, hint=hint)
+
+
+def written_previews(files: JobFiles) -> list[str]:
+    """The newest preview of each image that is still on disk, from the job's events."""
+    latest: dict[int, str] = {}
+    for event in read_events(files.events)[0]:
+        if event["event"] == "preview" and isinstance(event.get("path"), str):
+            latest[int(event.get("image") or 1)] = event["path"]
+    return [path for path in latest.values() if os.path.isfile(path)]
 
 
 def cancel_worker(files: JobFiles, record: dict[str, Any], *, mode: str = "always") -> dict[str, Any]:

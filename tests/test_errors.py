@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
+from collections.abc import Callable
 from email.utils import formatdate
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 
 import generate_image as gi
 from conftest import TEST_KEY, CliRunner
-from fake_api import FakeImagesAPI, Reply
+from fake_api import FakeImagesAPI, Recorded, Reply, make_png, sse_images, stream_reply
 
 
 def api_error(message: str, *, type_: str = "invalid_request_error", param: object = None,
@@ -196,17 +199,54 @@ def test_redirect_is_not_followed_with_the_key(online: CliRunner, api: FakeImage
     assert len(api.requests) == 1
 
 
-def test_ctrl_c_in_process_exits_130_without_partial_files(online: CliRunner, api: FakeImagesAPI,
-                                                           isolated: Path) -> None:
-    """With the job in a thread of the command, Ctrl-C ends both; the detached case is in test_jobs."""
+PARTIALS = [make_png(64, 64)]
+
+
+def interrupt_after(seconds: float) -> Callable[[Recorded], None]:
     import _thread
 
-    api.queue(Reply(drop=True, before=lambda request: _thread.interrupt_main()))
-    run = online("-p", "cat", "-f", "cat.png", "--json")
+    return lambda request: threading.Timer(seconds, _thread.interrupt_main).start()
+
+
+IN_PROCESS_INTERRUPTS = [
+    pytest.param(Reply(drop=True, before=interrupt_after(0)), [],
+                 "interrupted after the request was sent: it may be billed, and with no worker process its answer "
+                 "is lost with this command", "check your APIYI usage before sending it again", [], id="sent"),
+    pytest.param(stream_reply([*sse_images(PARTIALS, None)[:1], b""], gap=2.0), ["--stream"],
+                 "interrupted after the request was sent: it may be billed, and with no worker process its answer "
+                 "is lost with this command; the last preview is kept at cat.partial.png",
+                 "check your APIYI usage", ["cat.partial.png"], id="sent-with-a-preview"),
+]
+
+
+@pytest.mark.parametrize("reply, args, message, hint, left", IN_PROCESS_INTERRUPTS)
+def test_ctrl_c_in_process_says_what_is_left(online: CliRunner, api: FakeImagesAPI, isolated: Path, reply: Reply,
+                                            args: list[str], message: str, hint: str, left: list[str]) -> None:
+    """With the job in a thread of the command, Ctrl-C ends both; the detached case is in test_jobs."""
+    if reply.before is None:
+        reply.before = interrupt_after(0.5)     # once the first preview is on disk
+    api.queue(reply)
+    run = online("-p", "cat", "-f", "cat.png", "--json", *args)
     assert run.code == gi.EXIT_INTERRUPTED
     assert run.json()["error"]["kind"] == "interrupted"
-    assert "interrupted; no partial file was left" in run.err
-    assert list(isolated.iterdir()) == []
+    assert f"error: {message}\nhint: {hint}" in run.err
+    assert sorted(p.name for p in isolated.iterdir()) == left
+
+
+def test_ctrl_c_in_process_before_sending_stops_the_upload(online: CliRunner, api: FakeImagesAPI,
+                                                           isolated: Path) -> None:
+    import _thread
+
+    api.stall_upload = 1.0
+    big = isolated / "big.png"
+    big.write_bytes(make_png(64, 64) + b"\0" * (40 << 20))
+    threading.Timer(0.3, _thread.interrupt_main).start()
+    run = online("-p", "cat", "-i", big, "-f", "cat.png")
+    assert run.code == gi.EXIT_INTERRUPTED
+    assert "error: interrupted before the request was completely sent: nothing was billed\n" \
+           "hint: run the same command again to send it" in run.err
+    time.sleep(1.5)     # the server reads what came, finds it cut short, and records nothing
+    assert api.requests == [] and sorted(p.name for p in isolated.iterdir()) == ["big.png"]
 
 
 def test_key_is_not_sent_to_a_url_item_on_another_host(online: CliRunner, api: FakeImagesAPI) -> None:
