@@ -79,8 +79,13 @@ from typing import IO, Any, Callable, NoReturn, Optional, Union
 # --- Constants ---
 
 VERSION = "1.0.0"
-PROG = "generate_image.py"
 TOOL_NAME = "apiyi-gpt-image-2-gen"
+SCRIPT_NAME = "generate_image.py"
+# Run as a file (a checkout, a skill folder) the command is the script; installed by pip it has its own
+# name, and messages and --help use the one the user typed.
+PROG = TOOL_NAME if sys.argv and Path(sys.argv[0]).stem == TOOL_NAME else SCRIPT_NAME
+# Where a reference the user has no copy of can be read (also [project.urls] in pyproject.toml).
+REPOSITORY_URL = "https://github.com/apiyi/apiyi-gpt-image-2-gen"
 
 DEFAULT_BASE_URL = "https://api.apiyi.com/v1"
 DEFAULT_MODEL = "gpt-image-2"
@@ -1045,6 +1050,12 @@ def parse_json(raw: Union[str, bytes, bytearray]) -> Any:
         raise ValueError("it is nested too deeply") from None
 
 
+def reference(name: str) -> str:
+    """Where the user can read a reference: the file beside the script, else its page in the repository."""
+    local = Path(__file__).resolve().parent.parent / "references" / name
+    return str(local) if local.is_file() else f"{REPOSITORY_URL}/blob/main/references/{name}"
+
+
 def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
     """The description, the global settings and the raw items of a JSON, JSONL or bare-list file."""
     check_text(str(path), "--batch")
@@ -1069,7 +1080,7 @@ def read_batch_file(path: Path) -> tuple[str, Any, list[Any]]:
         unknown = sorted(set(document) - set(BATCH_TOP_KEYS))
         if unknown:
             raise UsageError(f"--batch {path}: unknown top-level key {unknown[0]!r}",
-                             hint=f"the keys are {', '.join(BATCH_TOP_KEYS)} (see references/batch-template.md)")
+                             hint=f"the keys are {', '.join(BATCH_TOP_KEYS)} (see {reference('batch-template.md')})")
         items = document.get("prompts")
         description, settings = document.get("description", ""), document.get("global", {})
     else:
@@ -1093,7 +1104,7 @@ def parse_jsonl(text: str, path: Path, json_error: ValueError) -> list[Any]:
             failure = err if items else json_error
             where = f"line {number}" if items else "it"
             raise UsageError(f"--batch {path}: {where} is not valid JSON or JSONL: {failure}",
-                             hint="see references/batch-template.md") from None
+                             hint=f"see {reference('batch-template.md')}") from None
     return items
 
 
@@ -4485,7 +4496,7 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> CliParser:
-    parser = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = CliParser(prog=PROG, description=(__doc__ or "").replace(SCRIPT_NAME, PROG), formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False)
     convert = setting_converters()
     what = parser.add_argument_group("what to make")
@@ -4537,7 +4548,8 @@ def build_parser() -> CliParser:
     output.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings and errors stay)")
     batch = parser.add_argument_group("batch (many images from one file)")
     batch.add_argument("--batch", metavar="FILE",
-                       help="JSON ({description, global, prompts}), a list, or JSONL; see references/batch-template.md. "
+                       help="JSON ({description, global, prompts}), a list, or JSONL; see "
+                            f"{reference('batch-template.md')}. "
                             "Flags give defaults; the file's global block and items override them")
     batch.add_argument("--out-dir", metavar="DIR",
                        help="write the images and FILE.results.jsonl here (default: beside the batch file)")

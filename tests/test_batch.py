@@ -474,7 +474,7 @@ def test_on_a_terminal_the_status_line_is_cleared_before_a_path(online: CliRunne
     assert gi.main(["--batch", str(write_batch(isolated / "b.json", ["cat", "dog", "owl"])), "-j", "2"]) == 0
     lines = [line.split("\r")[-1] for line in screen.getvalue().split("\n")]
     assert "\rbatch: 0 done" in screen.getvalue()
-    assert [line for line in lines if line.endswith(".png") and "] item " not in line] == [
+    assert sorted(line for line in lines if line.endswith(".png") and "] item " not in line) == [
         "01-cat.png", "02-dog.png", "03-owl.png"]
 
 

@@ -220,6 +220,37 @@ def test_console_entry_point_is_main() -> None:
     assert (module, getattr(gi, function)) == ("generate_image", gi.main)
 
 
+def installed_command() -> Path:
+    """The console script pip made for this environment (the README's test command installs it)."""
+    folder = Path(sys.executable).parent
+    found = [folder / name for name in ("apiyi-gpt-image-2-gen", "apiyi-gpt-image-2-gen.exe") if (folder / name).exists()]
+    if not found:
+        pytest.skip("the project is not installed in this environment (pip install -e .)")
+    return found[0]
+
+
+def test_the_installed_command_speaks_its_own_name(tmp_path: Path) -> None:
+    import subprocess
+
+    command = str(installed_command())
+    usage = subprocess.run([command, "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert usage.startswith("usage: apiyi-gpt-image-2-gen ") and "generate_image.py" not in usage
+    refused = subprocess.run([command, "-p", "cat", "-s", "0x0"], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+    assert (refused.returncode, refused.stderr) == (2, "apiyi-gpt-image-2-gen: error: --size 0x0: width and "
+                                                       "height must be above 0; e.g. 1024x1024\n")
+
+
+def test_a_reference_is_a_file_when_there_is_one_else_its_url(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    assert gi.reference("batch-template.md") == str(ROOT / "references" / "batch-template.md")
+    monkeypatch.setattr(gi, "__file__", str(tmp_path / "site-packages" / "generate_image.py"))
+    url = "https://github.com/apiyi/apiyi-gpt-image-2-gen/blob/main/references/batch-template.md"
+    assert gi.reference("batch-template.md") == url
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^Repository = "(.+)"$', pyproject, flags=re.M).group(1) == gi.REPOSITORY_URL
+
+
 def test_size_guide_table_is_the_scripts_own_mapping() -> None:
     import size_table
 
