@@ -33,6 +33,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from fake_api import FakeImagesAPI, Reply, make_png, sse_images, stream_reply  # noqa: E402
+from peak import measured_run  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "generate_image.py"
 KEY = "sk-bench-NOT-A-REAL-KEY"
@@ -73,16 +74,6 @@ def answer_for(image: bytes) -> Reply:
     return Reply(body=body, headers={"Content-Type": "application/json"})
 
 
-# Each case is started by this small launcher, not by the benchmark process itself: a child forked
-# from a large process counts that process's pages in its peak until it calls exec.
-LAUNCHER = """import os, sys, time
-started = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - started, usage.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)
-"""
-
-
 # The waiting command reaps its worker when it exits, so wait4 reports the larger of the two; this
 # wrapper reports the command's own peak (Linux VmHWM) into a file instead.
 OWN_PEAK = """import atexit, os, runpy, sys
@@ -111,14 +102,10 @@ def measure(command: list[str], *, shell: bool = False, cwd: Optional[Path] = No
             env: Optional[dict[str, str]] = None) -> tuple[float, float]:
     """Wall seconds and peak resident MB of one process (with its children, as wait4 reports them)."""
     argv = ["sh", "-c", " ".join(command)] if shell else command
-    done = subprocess.run([PY, "-I", "-S", "-c", LAUNCHER, *argv], cwd=cwd, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env=env)
-    *output, last = done.stderr.strip().splitlines() or [""]
-    wall, peak, code = last.split()
-    if done.returncode or code != "0":
-        raise SystemExit(f"benchmark command failed: {' '.join(argv)}\n" + "\n".join(output))
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return float(wall), int(peak) * scale / 1e6
+    done = measured_run(argv, cwd=cwd, env=env)
+    if done.code:
+        raise SystemExit(f"benchmark command failed: {' '.join(argv)}\n{done.stderr}")
+    return done.wall_s, done.peak_bytes / 1e6
 
 
 def mib(megabytes: float) -> float:

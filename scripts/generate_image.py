@@ -95,6 +95,9 @@ ENV_API_KEY = "APIYI_API_KEY"
 ENV_BASE_URL = "APIYI_BASE_URL"
 # What stands for the key wherever the tool shows or writes text that held it (a server may echo it).
 KEY_MASK = "***"
+# APIYI keys are sk- and 48 characters; anything shorter than this is a typo, and a key that short could
+# not be masked in text without masking ordinary words.
+MIN_KEY_CHARS = 8
 GENERATIONS_PATH = "/images/generations"
 EDITS_PATH = "/images/edits"
 
@@ -1371,6 +1374,9 @@ def resolve_api_key(flag: Optional[str], env: Mapping[str, str], *, required: bo
     if any(ch.isspace() or not 0x21 <= ord(ch) <= 0x7E for ch in key):
         raise AuthError("the API key contains spaces or characters that cannot go in a header",
                         hint=f"copy the key again into {ENV_API_KEY}")
+    if len(key) < MIN_KEY_CHARS:
+        raise AuthError(f"the API key has {len(key)} characters; a key has at least {MIN_KEY_CHARS}",
+                        hint=f"copy the whole key (sk-...) into {ENV_API_KEY}")
     return key, warnings
 
 
@@ -2752,7 +2758,7 @@ def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: 
     saved, arrived, warnings, problem = save_all(job, sources, spool, config)
     for image in saved if job.output.metadata else ():
         metadata = build_metadata(job, image, meta, request_id=received.request_id, elapsed_s=received.elapsed_s)
-        metadata = json.loads(redact(json.dumps(metadata, ensure_ascii=False), config.api_key))  # an echoed key
+        metadata = scrub(metadata, config.api_key)  # a server may echo the key
         try:
             write_metadata(image, metadata, overwrite=job.output.overwrite)
         except OSError as err:
@@ -2981,15 +2987,27 @@ def read_record(path: Path) -> Optional[dict[str, Any]]:
 
 def write_record(files: JobFiles, record: dict[str, Any], *, secret: str = "") -> None:
     record["updated_at"] = time.time()
-    write_file_atomic(files.record, redact(json.dumps(record, ensure_ascii=False), secret).encode("utf-8"))
+    write_file_atomic(files.record, json.dumps(scrub(record, secret), ensure_ascii=False).encode("utf-8"))
 
 
 def redact(text: str, secret: str) -> str:
-    """A server may echo the key in an error message; nothing a job writes keeps it, as it is or as
-    JSON writes it (a key may hold a quote or a backslash)."""
+    """A server may echo the key in an error message; no text the tool shows or logs keeps it, as it
+    is or as JSON writes it (a key may hold a quote or a backslash)."""
     for form in {secret, json.dumps(secret)[1:-1]} if secret else ():
         text = text.replace(form, KEY_MASK)
     return text
+
+
+def scrub(value: Any, secret: str) -> Any:
+    """A JSON value with the key masked in its strings only: the names and the structure are never
+    touched, whatever text the key happens to share with them."""
+    if isinstance(value, str):
+        return redact(value, secret)
+    if isinstance(value, dict):
+        return {name: scrub(item, secret) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(item, secret) for item in value]
+    return value
 
 
 def list_records(folder: Path) -> list[dict[str, Any]]:
@@ -3190,9 +3208,9 @@ class JobWorker:
             write_record(self.files, self.record, secret=self.key)
 
     def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "at": round(time.time(), 3), **fields}, ensure_ascii=False)
+        line = json.dumps(scrub({"event": event, "at": round(time.time(), 3), **fields}, self.key), ensure_ascii=False)
         with self.lock, open(self.files.events, "a", encoding="utf-8", newline="\n") as handle:
-            handle.write(redact(line, self.key) + "\n")
+            handle.write(line + "\n")
 
     def log_bug(self) -> None:
         """The traceback of the exception being handled, into the job's log, without the key."""
@@ -3445,7 +3463,7 @@ class BatchRun:
                            elapsed_s=received.elapsed_s)
 
     def finish(self, record: dict[str, Any]) -> None:
-        record = json.loads(redact(json.dumps(record, ensure_ascii=False), self.worker.key))
+        record = scrub(record, self.worker.key)
         with self.lock:
             try:
                 append_manifest(self.plan.manifest, record)
@@ -3485,11 +3503,17 @@ class Console:
             text = redact(text, secret)
         return text
 
-    def _write(self, stream: IO[str], text: str) -> None:
+    def as_json(self, payload: Mapping[str, Any], **options: Any) -> str:
+        """JSON with the key masked in its strings only, so no name is ever touched."""
+        for secret in self.secrets:
+            payload = scrub(payload, secret)
+        return json.dumps(payload, **options)
+
+    def _write(self, stream: IO[str], text: str, *, masked: bool = False) -> None:
         """A reader that went away (| head -c1) or a full disk (> /dev/full) does not stop the run: the
         stream is pointed at the null device, so not even the exit's flush complains."""
         try:
-            stream.write(self.redact(text))
+            stream.write(text if masked else self.redact(text))
             stream.flush()
         except (OSError, ValueError):
             silence(stream)
@@ -3508,7 +3532,7 @@ class Console:
         """One JSON line on stderr with --events; t counts seconds from this command's start."""
         if self.events_mode:
             line = {"event": name, "t": round(time.monotonic() - self.started, 3), **fields}
-            self._write(sys.stderr, json.dumps(line, ensure_ascii=False) + "\n")
+            self._write(sys.stderr, self.as_json(line, ensure_ascii=False) + "\n", masked=True)
 
     def end_live(self) -> None:
         if self._live:
@@ -3528,7 +3552,7 @@ class Console:
             self._write(sys.stdout, text + "\n")
 
     def document(self, payload: Mapping[str, Any]) -> None:
-        self._write(sys.stdout, json.dumps(payload, indent=2) + "\n")
+        self._write(sys.stdout, self.as_json(payload, indent=2) + "\n", masked=True)
 
     def error(self, err: ToolError) -> None:
         if self.events_mode:

@@ -16,6 +16,7 @@ import pytest
 import generate_image as gi
 from conftest import TEST_KEY, CliRunner
 from fake_api import FakeImagesAPI, Reply, images_answer, make_png, sse_images, stream_reply
+from peak import measured_run
 from test_subprocess import find_python
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_image.py"
@@ -468,3 +469,52 @@ def test_a_shared_fallback_folder_is_made_private(online: CliRunner, api: FakeIm
 def test_temporary_names_stay_short_whatever_the_characters() -> None:
     name = "\U0001F431" * 57 + ".png"
     assert len(gi.temporary_beside(Path(name)).name.encode()) < 160
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX symlinks")
+@pytest.mark.parametrize("overwrite", [False, True], ids=["kept", "overwrite"])
+def test_an_image_is_never_written_through_a_symlink(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                     tmp_path: Path, overwrite: bool) -> None:
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes(b"not yours")
+    (isolated / "cat.png").symlink_to(elsewhere)
+    api.queue(Reply(body=images_answer([make_png(64, 64)])))
+    run = online("-p", "cat", "-f", "cat.png", *(["--overwrite"] if overwrite else []))
+    assert run.code == 0 and elsewhere.read_bytes() == b"not yours"
+    if overwrite:   # the link itself is replaced by the image
+        assert run.out == "cat.png\n" and not (isolated / "cat.png").is_symlink()
+        assert (isolated / "cat.png").read_bytes() == make_png(64, 64)
+    else:
+        assert run.out == "cat-2.png\n" and (isolated / "cat.png").is_symlink()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_spawnp"), reason="peak memory is read with posix_spawn and wait4")
+def test_an_endless_answer_is_cut_at_its_cap_in_little_memory(api: FakeImagesAPI, script_env: dict,
+                                                              isolated: Path) -> None:
+    piece = b"x" * (1 << 20)
+    api.queue(Reply(pieces=[b'{"data": [{"b64_json": "'] + [piece] * 300, headers={"Content-Type": "application/json"}))
+    run = measured_run([sys.executable, "-I", "-S", str(SCRIPT), "-p", "cat", "-f", "cat.png"], cwd=isolated,
+                       env={**script_env, "APIYI_WORKER": "inprocess"})
+    assert (run.code, run.stdout) == (gi.EXIT_UNAVAILABLE, "")
+    cap = gi.MAX_IMAGE_BASE64 + 2 * gi.ANSWER_JSON_ROOM   # one image and its JSON
+    assert f"the answer goes on, past the {cap:,} bytes it can legitimately need" in run.stderr
+    assert run.peak_bytes < 80 << 20, f"peak {run.peak_bytes / 2**20:.0f} MiB for an answer cut at 46 MiB of 300"
+    assert sorted(p.name for p in isolated.iterdir()) == []
+
+
+def test_a_key_that_reads_like_a_field_name_leaves_the_records_whole(online: CliRunner, api: FakeImagesAPI,
+                                                                     isolated: Path) -> None:
+    assert gi.scrub({"output_format": ["png", "an output_format echo"]}, "output_format") == {
+        "output_format": ["png", "an *** echo"]}
+    for key in ("output_format", "revised_prompt"):     # names in the records, metadata and --json
+        run = online("-p", "cat", "-f", f"{key}.png", "-k", key, "--json", "--metadata")
+        assert run.code == 0, run.err
+        assert api.requests[-1].header("Authorization") == f"Bearer {key}"
+        assert "revised_prompt" in run.json() and run.json()["files"][0]["path"] == "***.png"
+        assert json.loads((isolated / f"{key}.png.json").read_text())["parameters"]["output_format"] == "png"
+
+
+def test_a_key_too_short_to_be_one_is_refused(online: CliRunner, api: FakeImagesAPI) -> None:
+    run = online("-p", "cat", "-k", "sk-1234")
+    assert (run.code, api.requests) == (gi.EXIT_AUTH, [])
+    assert "error: the API key has 7 characters; a key has at least 8" in run.err
