@@ -488,16 +488,26 @@ def test_an_image_is_never_written_through_a_symlink(online: CliRunner, api: Fak
         assert run.out == "cat-2.png\n" and (isolated / "cat.png").is_symlink()
 
 
+ONE_MIB = b"x" * (1 << 20)
+ENDLESS = [
+    pytest.param(Reply(pieces=[b'{"data": [{"b64_json": "'] + [ONE_MIB] * 300,
+                       headers={"Content-Type": "application/json"}), [],
+                 f"the answer goes on, past the {gi.MAX_IMAGE_BASE64 + 2 * gi.ANSWER_JSON_ROOM:,} bytes", id="json"),
+    pytest.param(stream_reply([b"event: image_generation.partial_image\ndata: "] + [ONE_MIB] * 300),
+                 ["--stream"], f"one event of the stream goes on, past the "
+                               f"{gi.MAX_IMAGE_BASE64 + gi.ANSWER_JSON_ROOM:,} bytes", id="stream-event"),
+]
+
+
 @pytest.mark.skipif(not hasattr(os, "posix_spawnp"), reason="peak memory is read with posix_spawn and wait4")
-def test_an_endless_answer_is_cut_at_its_cap_in_little_memory(api: FakeImagesAPI, script_env: dict,
-                                                              isolated: Path) -> None:
-    piece = b"x" * (1 << 20)
-    api.queue(Reply(pieces=[b'{"data": [{"b64_json": "'] + [piece] * 300, headers={"Content-Type": "application/json"}))
-    run = measured_run([sys.executable, "-I", "-S", str(SCRIPT), "-p", "cat", "-f", "cat.png"], cwd=isolated,
+@pytest.mark.parametrize("reply, args, message", ENDLESS)
+def test_an_endless_answer_is_cut_at_its_cap_in_little_memory(api: FakeImagesAPI, script_env: dict, isolated: Path,
+                                                              reply: Reply, args: list[str], message: str) -> None:
+    api.queue(reply)
+    run = measured_run([sys.executable, "-I", "-S", str(SCRIPT), "-p", "cat", "-f", "cat.png", *args], cwd=isolated,
                        env={**script_env, "APIYI_WORKER": "inprocess"})
     assert (run.code, run.stdout) == (gi.EXIT_UNAVAILABLE, "")
-    cap = gi.MAX_IMAGE_BASE64 + 2 * gi.ANSWER_JSON_ROOM   # one image and its JSON
-    assert f"the answer goes on, past the {cap:,} bytes it can legitimately need" in run.stderr
+    assert message in run.stderr and "it can legitimately need; it was not kept" in run.stderr
     assert run.peak_bytes < 80 << 20, f"peak {run.peak_bytes / 2**20:.0f} MiB for an answer cut at 46 MiB of 300"
     assert sorted(p.name for p in isolated.iterdir()) == []
 
