@@ -46,6 +46,7 @@ exit codes:
   7    image received but saved only to the fallback path printed
   8    batch finished, but some items failed: run it again to make only those
   9    still running (--max-wait): run the same command again, or --attach ID
+  10   --strict-size: saved, but not the size, format or frame count asked
   129  hung up (SIGHUP)      after the request was sent, the job goes on:
   130  interrupted (Ctrl-C)  run the same command again to collect it;
   143  terminated (SIGTERM)  before, it was cancelled and nothing was billed
@@ -93,6 +94,7 @@ DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_RETRIES = 2
 ENV_API_KEY = "APIYI_API_KEY"
 ENV_BASE_URL = "APIYI_BASE_URL"
+ENV_MODEL = "APIYI_IMAGE_MODEL"
 # What stands for the key wherever the tool shows or writes text that held it (a server may echo it).
 KEY_MASK = "***"
 # APIYI keys are sk- and 48 characters; anything shorter than this is a typo, and a key that short could
@@ -101,17 +103,20 @@ MIN_KEY_CHARS = 8
 GENERATIONS_PATH = "/images/generations"
 EDITS_PATH = "/images/edits"
 
-QUALITIES = ("auto", "low", "medium", "high")
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
+QUALITIES = ("auto", "low", "medium", "high", "xhigh", "max")
+COMPLEXITIES = ("low", "medium", "high")
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "svg")
+INPUT_FORMATS = ("png", "jpeg", "webp")         # what the edits endpoint takes as an image or a mask
 FORMAT_ALIASES = {"jpg": "jpeg"}
 BACKGROUNDS = ("auto", "opaque", "transparent")
 MODERATIONS = ("auto", "low")
 # A W:H size is mapped to a long edge of 1024, 2048 or 3840 pixels.
 RESOLUTION_LONG_EDGES = {"1K": 1024, "2K": 2048, "4K": 3840}
 SIZE_PRESETS = ("1024x1024", "1536x1024", "1024x1536", "2048x2048", "2048x1152", "3840x2160", "2160x3840")
-FORMAT_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-EXTENSION_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+FORMAT_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp", "gif": ".gif", "svg": ".svg", "bin": ".bin"}
+EXTENSION_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".svg": "svg"}
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif",
+                 "svg": "image/svg+xml"}
 
 # gpt-image-2 size rules, as APIYI and OpenAI publish them for free sizes.
 SIZE_MULTIPLE = 16
@@ -119,6 +124,83 @@ MAX_EDGE = 3840
 MAX_ASPECT = 3.0
 MIN_PIXELS = 655_360
 MAX_PIXELS = 8_294_400
+
+# How each line takes a size (references/models.md): multiple of, longest edge (range), ratio, pixels.
+# free: the official models; universal: a model not in the table (no edge limit, the rest kept);
+# long-edge: the flat channels, where the size is a target whose longest edge lies in a range.
+SIZE_RULES: dict[str, dict[str, Any]] = {
+    "free": {"multiple": SIZE_MULTIPLE, "edges": (SIZE_MULTIPLE, MAX_EDGE), "pixels": (MIN_PIXELS, MAX_PIXELS)},
+    "universal": {"multiple": SIZE_MULTIPLE, "edges": (SIZE_MULTIPLE, 4992), "pixels": (MIN_PIXELS, MAX_PIXELS)},
+    "long-edge-1536": {"multiple": 1, "edges": (1, 1536), "long_edge_from": 512, "pixels": (1, MAX_PIXELS)},
+    "long-edge-3840": {"multiple": 1, "edges": (1, MAX_EDGE), "long_edge_from": 512, "pixels": (1, MAX_PIXELS)},
+}
+# gpt-image-2-vip takes only these sizes, ten ratios at three tiers (-r picks the tier; 2K by default).
+VIP_SIZES = {
+    "1K": ("1280x1280", "848x1280", "1280x848", "960x1280", "1280x960", "1024x1280", "1280x1024", "720x1280",
+           "1280x720", "1280x544"),
+    "2K": ("2048x2048", "1360x2048", "2048x1360", "1536x2048", "2048x1536", "1632x2048", "2048x1632", "1152x2048",
+           "2048x1152", "2048x864"),
+    "4K": ("2880x2880", "2336x3520", "3520x2336", "2480x3312", "3312x2480", "2560x3216", "3216x2560", "2160x3840",
+           "3840x2160", "3840x1632"),
+}
+# GIF (gpt-image-2.6): the frames share one sheet within the pixel budget, four frames wide at most
+# (6 frames of 1024 were refused: a 4096 sheet). Measured square caps by frame count: 960, 816, 720.
+GIF_FRAMES = (2, 16)
+GIF_FRAME_MS = (20, 2000, 10)       # from, to, step
+GIF_SHEET_COLUMNS = 4
+GIF_FRAME_CAPS = ((9, 960), (12, 816), (16, 720))   # up to this many frames: the largest square frame
+
+# The models and channels APIYI serves on these endpoints, one row each (sources: references/models.md).
+# A row drives validation, the request and the estimates: the settings it takes ("accepts"), those its
+# channel ignores (not sent, one warning), its qualities and output formats, its size rule, the most
+# images per request (flat channels bill every n but may make one), how it bills, and the usual
+# seconds for one image. A model not in the table is sent as given under UNKNOWN_MODEL.
+OFFICIAL_SETTINGS = ("size", "quality", "n", "background", "moderation", "output_compression", "mask", "stream")
+BASE_QUALITIES = QUALITIES[:4]
+MODEL_PROFILES: dict[str, dict[str, Any]] = {
+    "gpt-image-2": {"line": "official", "billing": "tokens", "seconds": (120, 150), "qualities": BASE_QUALITIES,
+                    "formats": INPUT_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+                    "note": "the default: best text rendering; up to 5 min at high quality and 4K"},
+    "gpt-image-2.5-flare": {"line": "official", "billing": "tokens", "seconds": (40, 75), "qualities": QUALITIES,
+                            "formats": INPUT_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+                            "note": "faster 2.5; quality up to xhigh and max; native transparency"},
+    "gpt-image-2.5-sunburst": {"line": "official", "billing": "tokens", "seconds": (60, 120), "qualities": QUALITIES,
+                               "formats": INPUT_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+                               "note": "detailed 2.5; quality up to xhigh and max; native transparency"},
+    "gpt-image-2.6-flare": {"line": "official", "billing": "tokens", "seconds": (8, 15), "qualities": QUALITIES,
+                            "formats": OUTPUT_FORMATS, "sizes": "free",
+                            "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
+                            "note": "fastest; complexity, GIF and SVG (SVG needs --svg-model)"},
+    "gpt-image-2.6-sunburst": {"line": "official", "billing": "tokens", "seconds": (20, 60), "qualities": QUALITIES,
+                               "formats": OUTPUT_FORMATS, "sizes": "free",
+                               "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
+                               "note": "detailed 2.6 and edits; complexity, GIF and SVG (SVG needs --svg-model)"},
+    "gpt-image-2-all": {"line": "flat", "billing": "$0.03 per image", "seconds": (30, 90), "qualities": (),
+                        "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
+                        "sizes": "long-edge-1536", "real_size_differs": True,
+                        "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
+    "gpt-image-2.5-all": {"line": "flat", "billing": "flat per image", "seconds": (30, 90), "qualities": (),
+                          "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
+                          "sizes": "long-edge-1536", "real_size_differs": True,
+                          "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
+    "gpt-image-2-vip": {"line": "flat", "billing": "$0.03 per image", "seconds": (90, 150), "qualities": (),
+                        "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
+                        "sizes": "vip", "note": "flat price at any of its 30 sizes up to 4K; no mask, no quality"},
+    "gpt-image-2.6-all": {"line": "flat", "billing": "$0.025 per image", "seconds": (10, 46), "qualities": (),
+                          "formats": ("png", "jpeg", "gif", "svg"), "max_n": 4, "sizes": "long-edge-3840",
+                          "accepts": ("size", "n", "background", "mask", "frames"),
+                          "ignores": ("quality", "complexity", "moderation", "svg_model"),
+                          "real_size_differs": True,
+                          "note": "flat price up to 4K; GIF and SVG (rough); the real size may differ"},
+}
+UNKNOWN_MODEL: dict[str, Any] = {
+    "line": "unknown", "billing": "unknown", "seconds": (120, 150), "qualities": QUALITIES, "formats": OUTPUT_FORMATS,
+    "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"), "sizes": "universal",
+    "note": "not in the table: sent as given"}
+# The flags of the settings a profile may refuse, for messages that name them.
+SETTING_FLAGS = {"size": "-s", "quality": "-q", "n": "-n", "background": "--background", "moderation": "--moderation",
+                 "output_compression": "-c", "mask": "--mask", "stream": "--stream", "complexity": "--complexity",
+                 "frames": "--frames/--frame-ms", "svg_model": "--svg-model"}
 # Images API limits for GPT image models (openai-images-api.md, sections 1-2).
 MAX_PROMPT_CHARS = 32_000
 MAX_INPUT_IMAGES = 16
@@ -143,6 +225,12 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 8.0
 RETRY_AFTER_MAX_S = 120.0
 REFUSED_STATUSES = frozenset({400, 404, 413, 415, 422})
+# A content-safety block: by its code, or by its words when a gateway rewrote the code (LiteLLM sends
+# "400" with OpenAI's message). Never retried: the same request is refused again, and may be billed.
+SAFETY_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
+SAFETY_WORDS = re.compile(r"safety system|moderation_blocked|content[ _]policy|safety_violations", re.I)
+SAFETY_HINT = ("the safety system refused it: rephrase the prompt or change the image (an agent asks the user "
+               "how, and keeps their words); the same request is refused again")
 AUTH_STATUSES = frozenset({401, 402, 403})
 QUOTA_ERROR_CODE = "insufficient_quota"
 
@@ -168,7 +256,6 @@ ERROR_BODY_IN_JSON = 2048
 PROGRESS_TTY_INTERVAL_S = 1.0
 PROGRESS_LOG_INTERVAL_S = 15.0
 FALLBACK_FOLDER = "apiyi-gpt-image-2"
-TYPICAL_SECONDS = (120, 150)
 MAX_PARTIAL_IMAGES = 3
 DEFAULT_PARTIAL_IMAGES = 2
 DEFAULT_JOBS = 4
@@ -178,9 +265,11 @@ BATCH_ITEM_FIELDS = {"prompt": "prompt", "filename": "filename", "size": "size",
                      "quality": "quality", "output_format": "output_format",
                      "output_compression": "output_compression", "input_images": "input_image",
                      "mask": "mask", "n": "n", "background": "background", "moderation": "moderation",
-                     "model": "model"}
+                     "model": "model", "complexity": "complexity", "frame_count": "frames",
+                     "frame_duration_ms": "frame_ms", "svg_model": "svg_model"}
 # Settings given as text besides the prompt (batch field, flag): checked for NUL and bad UTF-8.
-TEXT_SETTINGS = (("filename", "-f"), ("model", "--model"), ("mask", "-m"), ("input_images", "-i"))
+TEXT_SETTINGS = (("filename", "-f"), ("model", "--model"), ("mask", "-m"), ("input_images", "-i"),
+                 ("svg_model", "--svg-model"))
 BATCH_GLOBAL_FIELDS = tuple(f for f in BATCH_ITEM_FIELDS if f not in ("prompt", "filename"))
 BATCH_TOP_KEYS = ("description", "global", "prompts")
 REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id")
@@ -215,6 +304,7 @@ EXIT_MAYBE_BILLED = 6
 EXIT_FALLBACK = 7
 EXIT_BATCH_PARTIAL = 8
 EXIT_STILL_RUNNING = 9
+EXIT_MISMATCH = 10
 EXIT_INTERRUPTED = 130
 # 128 + the signal number, as shells report a process ended by it.
 SIGNAL_EXITS = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
@@ -259,7 +349,7 @@ class ToolError(Exception):
 
     def __init__(self, message: str, *, hint: str = "", status: Optional[int] = None,
                  code: Optional[str] = None, kind: str = "", problems: Sequence[str] = (),
-                 field: str = "", body: str = "") -> None:
+                 field: str = "", body: str = "", details: Optional[Mapping[str, Any]] = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -268,6 +358,7 @@ class ToolError(Exception):
         self.problems = tuple(problems)
         self.field = field  # the setting at fault, as a batch file names it
         self.body = body  # a short error body from the server, whole and cleaned, for --json
+        self.details = dict(details or {})  # more for --json: a safety refusal's categories and source
         if kind:
             self.kind = kind
 
@@ -289,33 +380,43 @@ def about(field: str) -> Iterator[None]:
 
 class AuthError(ToolError):
     exit_code = EXIT_AUTH
-    kind = "auth"
+    kind = "account"
 
 
 class RefusedError(ToolError):
+    """The request was refused for what it asked (kind bad_request), or by the safety system
+    (kind safety_refusal)."""
+
     exit_code = EXIT_REFUSED
-    kind = "refused"
+    kind = "bad_request"
 
 
 class ServiceError(ToolError):
+    """The service failed or answered unusably (kinds service, rate_limited, silent_refusal, ...)."""
+
     exit_code = EXIT_UNAVAILABLE
-    kind = "unavailable"
+    kind = "service"
 
 
 class ConnectError(ServiceError):
     """Nothing reached the server (refused, DNS, reset while sending): safe to retry."""
 
-    kind = "connect"
-
 
 class MaybeBilledError(ToolError):
     exit_code = EXIT_MAYBE_BILLED
-    kind = "timeout"
+    kind = "possibly_billed"
 
 
 class FallbackSaveError(ToolError):
     exit_code = EXIT_FALLBACK
     kind = "saved_to_fallback"
+
+
+class MismatchError(ToolError):
+    """--strict-size: the image was saved but is not what was asked."""
+
+    exit_code = EXIT_MISMATCH
+    kind = "size_mismatch"
 
 
 class BatchPartialError(ToolError):
@@ -364,12 +465,32 @@ Fields = dict[str, Union[str, int, bool]]
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
     format: str
-    width: int
+    width: int                  # 0 for an SVG that states no size
     height: int
+    frames: int = 1             # a GIF's frame count
 
     @property
     def content_type(self) -> str:
         return CONTENT_TYPES[self.format]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelProfile:
+    """One row of MODEL_PROFILES (or UNKNOWN_MODEL for a name the table does not know)."""
+
+    name: str
+    known: bool
+    line: str
+    billing: str
+    seconds: tuple[int, int]
+    qualities: tuple[str, ...]
+    formats: tuple[str, ...]
+    accepts: tuple[str, ...]
+    sizes: str
+    note: str
+    ignores: tuple[str, ...] = ()
+    max_n: int = MAX_N
+    real_size_differs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +508,7 @@ class OutputPlan:
     metadata: bool
     keep_partials: bool = False
     auto_named: bool = False       # no -f: the name is made up, so a re-run would not repeat it
+    strict: bool = False           # --strict-size: another size, format or frame count than asked is exit 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -530,7 +652,7 @@ class BatchPlan:
 # --- Validation ---
 
 
-def int_in_range(low: int, high: int) -> Callable[[str], int]:
+def int_in_range(low: int, high: int, step: int = 1) -> Callable[[str], int]:
     def convert(text: str) -> int:
         try:
             value = int(text)
@@ -538,6 +660,8 @@ def int_in_range(low: int, high: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
+        if (value - low) % step:
+            raise argparse.ArgumentTypeError(f"{value} is not a multiple of {step}")
         return value
 
     return convert
@@ -569,7 +693,9 @@ def setting_converters() -> dict[str, Callable[[str], Any]]:
             "quality": choice_of(QUALITIES), "n": int_in_range(MIN_N, MAX_N),
             "background": choice_of(BACKGROUNDS), "moderation": choice_of(MODERATIONS),
             "output_format": choice_of(OUTPUT_FORMATS + tuple(FORMAT_ALIASES)),
-            "output_compression": int_in_range(0, 100), "filename": name_inside_the_batch}
+            "output_compression": int_in_range(0, 100), "filename": name_inside_the_batch,
+            "complexity": choice_of(COMPLEXITIES), "frame_count": int_in_range(*GIF_FRAMES),
+            "frame_duration_ms": int_in_range(*GIF_FRAME_MS)}
 
 
 def name_inside_the_batch(text: str) -> str:
@@ -599,106 +725,192 @@ def parse_size_text(text: str) -> tuple[str, int, int]:
     if not match:
         hint = f"for {text.upper()} give a ratio: -s 16:9 -r {cleaned.upper()}" if cleaned.upper() in \
             RESOLUTION_LONG_EDGES else f"presets: {' '.join(SIZE_PRESETS)}"
-        raise UsageError(f"--size {text!r} is not a size: use auto, WxH (e.g. 1536x1024) or a ratio W:H (e.g. 16:9)",
+        raise UsageError(f"--size {short_name(text)!r} is not a size: use auto, WxH (e.g. 1536x1024) or a ratio "
+                         "W:H (e.g. 16:9)",
                          hint=hint)
     kind = "wxh" if match.group(2) == "x" else "ratio"
     return kind, int(match.group(1)), int(match.group(3))
 
 
-def size_rule_violations(width: int, height: int) -> list[str]:
+FREE = SIZE_RULES["free"]
+
+
+def size_rule_violations(width: int, height: int, rule: Mapping[str, Any] = FREE) -> list[str]:
     if min(width, height) == 0:
         return ["width and height must be above 0"]
     rules = []
-    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
-        rules.append(f"width and height must be multiples of {SIZE_MULTIPLE}")
-    if max(width, height) > MAX_EDGE:
-        rules.append(f"the longest edge must be at most {MAX_EDGE}")
+    multiple, (_, longest), (fewest, most) = rule["multiple"], rule["edges"], rule["pixels"]
+    if width % multiple or height % multiple:
+        rules.append(f"width and height must be multiples of {multiple}")
+    if max(width, height) > longest:
+        rules.append(f"the longest edge must be at most {longest}")
+    if max(width, height) < rule.get("long_edge_from", 0):
+        rules.append(f"the longest edge must be at least {rule['long_edge_from']}")
     if max(width, height) / min(width, height) > MAX_ASPECT:
         rules.append("the aspect ratio must be at most 3:1")
-    if not MIN_PIXELS <= width * height <= MAX_PIXELS:
-        rules.append(f"the total pixels must be between {MIN_PIXELS:,} and {MAX_PIXELS:,} (got {width * height:,})")
+    if not fewest <= width * height <= most:
+        rules.append(f"the total pixels must be between {fewest:,} and {most:,} (got {width * height:,})")
     return rules
 
 
-def valid_heights_for(width: int) -> range:
-    low = max(SIZE_MULTIPLE, math.ceil(width / MAX_ASPECT / SIZE_MULTIPLE) * SIZE_MULTIPLE,
-              math.ceil(MIN_PIXELS / width / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    high = min(MAX_EDGE, int(width * MAX_ASPECT) // SIZE_MULTIPLE * SIZE_MULTIPLE,
-               MAX_PIXELS // width // SIZE_MULTIPLE * SIZE_MULTIPLE)
-    return range(low, high + 1, SIZE_MULTIPLE)
+def valid_heights_for(width: int, rule: Mapping[str, Any] = FREE) -> range:
+    multiple, (_, longest), (fewest, most) = rule["multiple"], rule["edges"], rule["pixels"]
+    shortest_long = rule.get("long_edge_from", 0) if width < rule.get("long_edge_from", 0) else 0
+    low = max(multiple, math.ceil(width / MAX_ASPECT / multiple) * multiple,
+              math.ceil(fewest / width / multiple) * multiple, math.ceil(shortest_long / multiple) * multiple)
+    high = min(longest, int(width * MAX_ASPECT) // multiple * multiple, most // width // multiple * multiple)
+    return range(low, high + 1, multiple)
 
 
-def nearest_valid_size(width: float, height: float) -> tuple[int, int]:
+def nearest_valid_size(width: float, height: float, rule: Mapping[str, Any] = FREE) -> tuple[int, int]:
     """The valid size closest to width x height, measured as relative change of each edge,
     after the shape is brought within the ratio and pixel limits (so 17x3 stays landscape)."""
-    width, height = fit_within_limits(max(width, 1.0), max(height, 1.0))
+    width, height = fit_within_limits(max(width, 1.0), max(height, 1.0), rule)
+    multiple, (_, longest) = rule["multiple"], rule["edges"]
     best: tuple[float, int, int] = (math.inf, 0, 0)
-    for w in range(SIZE_MULTIPLE, MAX_EDGE + 1, SIZE_MULTIPLE):
-        heights = valid_heights_for(w)
+    for w in range(multiple, longest + 1, multiple):
+        heights = valid_heights_for(w, rule)
         if not heights:
             continue
-        below = min(max(heights[0], int(height) // SIZE_MULTIPLE * SIZE_MULTIPLE), heights[-1])
-        for h in (below, min(below + SIZE_MULTIPLE, heights[-1])):
+        below = min(max(heights[0], int(height) // multiple * multiple), heights[-1])
+        for h in (below, min(below + multiple, heights[-1])):
             cost = abs(math.log(w / width)) + abs(math.log(h / height))
             best = min(best, (cost, w, h))
     return best[1], best[2]
 
 
-def fit_within_limits(width: float, height: float) -> tuple[float, float]:
+def fit_within_limits(width: float, height: float, rule: Mapping[str, Any] = FREE) -> tuple[float, float]:
     """Ratio first, then scaled as a whole (so 6000x2000 keeps 3:1 as 3840x1280)."""
+    (_, longest), (fewest, most) = rule["edges"], rule["pixels"]
     if max(width, height) / min(width, height) > MAX_ASPECT:
         width, height = (height * MAX_ASPECT, height) if width > height else (width, width * MAX_ASPECT)
-    if max(width, height) > MAX_EDGE:
-        factor = MAX_EDGE / max(width, height)
-        width, height = width * factor, height * factor
+    target = min(max(max(width, height), rule.get("long_edge_from", 0)), longest)
+    width, height = width * target / max(width, height), height * target / max(width, height)
     pixels = width * height
-    if not MIN_PIXELS <= pixels <= MAX_PIXELS:
-        factor = math.sqrt((MAX_PIXELS if pixels > MAX_PIXELS else MIN_PIXELS) / pixels)
+    if not fewest <= pixels <= most:
+        factor = math.sqrt((most if pixels > most else fewest) / pixels)
         width, height = width * factor, height * factor
     return width, height
 
 
-def size_for_ratio(ratio_w: int, ratio_h: int, resolution: str) -> tuple[int, int]:
+def size_for_ratio(ratio_w: int, ratio_h: int, resolution: str, rule: Mapping[str, Any] = FREE) -> tuple[int, int]:
     """Long edge from the resolution, short edge from the ratio, then into the limits."""
     long_edge = RESOLUTION_LONG_EDGES[resolution]
     scale = long_edge / max(ratio_w, ratio_h)
-    return nearest_valid_size(ratio_w * scale, ratio_h * scale)
+    return nearest_valid_size(ratio_w * scale, ratio_h * scale, rule)
 
 
-def resolve_size(text: Optional[str], resolution: Optional[str]) -> tuple[Optional[str], str]:
-    """The size to send (None: not sent) and a note saying how a ratio was mapped."""
+def resolve_size(text: Optional[str], resolution: Optional[str], profile: ModelProfile, *,
+                 fmt: str = "png", frames: int = 9, first_input: Optional[InputFile] = None
+                 ) -> tuple[Optional[str], str]:
+    """The size to send (None: not sent) and a note saying how a ratio or 'match' was mapped, by
+    the model's size rule (or the GIF frame rules)."""
     if text is None:
         if resolution:
             raise UsageError("--resolution needs an aspect ratio size", hint="e.g. -s 16:9 -r 2K",
                              field="resolution")
         return None, ""
-    kind, a, b = parse_size_text(text)
+    kind, a, b = size_request(text, first_input)
     if kind == "auto":
         if resolution:
             raise UsageError("--resolution needs an aspect ratio size, not auto", hint="e.g. -s 16:9 -r 2K",
                              field="resolution")
         return "auto", ""
+    if kind == "wxh" and resolution:
+        raise UsageError(f"--resolution applies to a ratio like 16:9, not to {a}x{b}",
+                         hint=f"drop -r, or use -s {a}:{b} -r {resolution}", field="resolution")
+    if kind == "ratio" and (a == 0 or b == 0):
+        raise UsageError(f"--size {a}:{b}: both sides of a ratio must be above 0", hint="e.g. -s 16:9")
+    if fmt == "gif":
+        return gif_size(kind, a, b, frames, resolution)
+    if profile.sizes == "vip":
+        return vip_size(kind, a, b, resolution)
+    return rule_size(kind, a, b, resolution, SIZE_RULES[profile.sizes])
+
+
+def size_request(text: str, first_input: Optional[InputFile]) -> tuple[str, int, int]:
+    """-s as ('auto'|'wxh'|'ratio'|'match', a, b); match takes the first input image's width and height."""
+    if re.sub(r"\s+", "", text).lower() != "match":
+        return parse_size_text(text)
+    if first_input is None:
+        raise UsageError("-s match takes the shape of the first input image, but there is none",
+                         hint="add -i IMAGE, or give a size such as 16:9")
+    return "match", first_input.info.width, first_input.info.height
+
+
+def rule_size(kind: str, a: int, b: int, resolution: Optional[str], rule: Mapping[str, Any]) -> tuple[str, str]:
     if kind == "wxh":
-        if resolution:
-            raise UsageError(f"--resolution applies to a ratio like 16:9, not to {a}x{b}",
-                             hint=f"drop -r, or use -s {a}:{b} -r {resolution}", field="resolution")
-        problems = size_rule_violations(a, b)
+        problems = size_rule_violations(a, b, rule)
         if problems:
-            nearest = "e.g. 1024x1024" if 0 in (a, b) else "nearest valid size is %dx%d" % nearest_valid_size(a, b)
+            nearest = "e.g. 1024x1024" if 0 in (a, b) else "nearest valid size is %dx%d" % nearest_valid_size(a, b, rule)
             raise UsageError(f"--size {a}x{b}: {'; '.join(problems)}; {nearest}")
         return f"{a}x{b}", ""
-    return resolve_ratio(a, b, resolution or "1K")
+    if kind == "match":
+        scale = RESOLUTION_LONG_EDGES[resolution] / max(a, b) if resolution else 1.0
+        width, height = nearest_valid_size(a * scale, b * scale, rule)
+        return f"{width}x{height}", f"size match (first input image {a}x{b}) -> {width}x{height}"
+    if max(a, b) / min(a, b) > MAX_ASPECT:
+        widest = "3:1" if a > b else "1:3"
+        raise UsageError(f"--size {a}:{b}: the aspect ratio must be at most 3:1; nearest valid ratio is {widest}")
+    resolution = resolution or "1K"
+    width, height = size_for_ratio(a, b, resolution, rule)
+    return f"{width}x{height}", f"size {a}:{b} at {resolution} -> {width}x{height}"
 
 
-def resolve_ratio(ratio_w: int, ratio_h: int, resolution: str) -> tuple[str, str]:
-    if ratio_w == 0 or ratio_h == 0:
-        raise UsageError(f"--size {ratio_w}:{ratio_h}: both sides of a ratio must be above 0", hint="e.g. -s 16:9")
-    if max(ratio_w, ratio_h) / min(ratio_w, ratio_h) > MAX_ASPECT:
-        widest = "3:1" if ratio_w > ratio_h else "1:3"
-        raise UsageError(f"--size {ratio_w}:{ratio_h}: the aspect ratio must be at most 3:1; "
-                         f"nearest valid ratio is {widest}")
-    width, height = size_for_ratio(ratio_w, ratio_h, resolution)
-    return f"{width}x{height}", f"size {ratio_w}:{ratio_h} at {resolution} -> {width}x{height}"
+def vip_size(kind: str, a: int, b: int, resolution: Optional[str]) -> tuple[str, str]:
+    """gpt-image-2-vip: one of its fixed sizes; a ratio (or match) takes the one nearest in ratio at the
+    tier -r names (2K by default)."""
+    every = [size for sizes in VIP_SIZES.values() for size in sizes]
+    if kind == "wxh":
+        if f"{a}x{b}" not in every:
+            raise UsageError(f"--size {a}x{b}: gpt-image-2-vip takes only its fixed sizes; nearest is "
+                             f"{nearest_by_ratio(a, b, every, area=a * b)}",
+                             hint=f"see {PROG} --list-models, or give a ratio such as -s 16:9 -r 2K")
+        return f"{a}x{b}", ""
+    tier = resolution or "2K"
+    size = nearest_by_ratio(a, b, VIP_SIZES[tier])
+    return size, f"size {'match' if kind == 'match' else f'{a}:{b}'} at {tier} -> {size} (gpt-image-2-vip)"
+
+
+def nearest_by_ratio(width: int, height: int, sizes: Sequence[str], *, area: int = 0) -> str:
+    def distance(size: str) -> tuple[float, float]:
+        w, h = (int(x) for x in size.split("x"))
+        return abs(math.log((w / h) / (width / height))), abs(math.log(w * h / area)) if area else 0.0
+    return min(sizes, key=distance)
+
+
+def gif_limits(frames: int) -> tuple[int, int]:
+    """The longest frame edge and the most pixels in one frame, for this many frames on one sheet."""
+    cap = next(cap for most, cap in GIF_FRAME_CAPS if frames <= most)
+    return MAX_EDGE // GIF_SHEET_COLUMNS, cap * cap
+
+
+def gif_size(kind: str, a: int, b: int, frames: int, resolution: Optional[str]) -> tuple[str, str]:
+    """A GIF's size is one frame's: edges multiples of 16, all frames within one sheet's budget."""
+    if resolution:
+        raise UsageError("--resolution does not apply to a GIF: its frames are at most 960 px",
+                         hint="drop -r; give -s W:H or a frame size such as 720x720", field="resolution")
+    longest, pixels = gif_limits(frames)
+    if kind == "wxh":
+        problems = [rule for rule, broken in (
+            (f"frame edges must be multiples of {SIZE_MULTIPLE}", a % SIZE_MULTIPLE or b % SIZE_MULTIPLE),
+            (f"a frame's longest edge must be at most {longest}", max(a, b) > longest),
+            (f"with {frames} frames a frame holds at most {pixels:,} pixels (got {a * b:,})", a * b > pixels),
+            ("the aspect ratio must be at most 3:1", max(a, b) / min(a, b) > MAX_ASPECT)) if broken]
+        if problems:
+            raise UsageError(f"--size {a}x{b} for a GIF of {frames} frames: {'; '.join(problems)}; nearest valid "
+                             "frame is %dx%d" % largest_gif_frame(a, b, frames))
+        return f"{a}x{b}", ""
+    width, height = largest_gif_frame(a, b, frames)
+    return f"{width}x{height}", f"GIF frame for {a}:{b} with {frames} frames -> {width}x{height}"
+
+
+def largest_gif_frame(width: int, height: int, frames: int) -> tuple[int, int]:
+    longest, pixels = gif_limits(frames)
+    ratio = min(max(width / height, 1 / MAX_ASPECT), MAX_ASPECT)
+    scale = min(longest / max(ratio, 1.0), math.sqrt(pixels / ratio))     # the height, at most
+    return (max(SIZE_MULTIPLE, int(scale * ratio) // SIZE_MULTIPLE * SIZE_MULTIPLE),
+            max(SIZE_MULTIPLE, int(scale) // SIZE_MULTIPLE * SIZE_MULTIPLE))
 
 
 def expand_path(text: str) -> Path:
@@ -744,7 +956,7 @@ def read_prompt(value: str, stdin: Optional[IO[str]]) -> str:
 
 
 def read_image_info(path: Path) -> Optional[ImageInfo]:
-    """Format, width and height from the file's first bytes (None when not PNG, JPEG or WebP)."""
+    """Format, width and height from the file's content (None when not a PNG, JPEG, WebP, GIF or SVG)."""
     with open(path, "rb") as handle:
         return image_info_from_stream(handle)
 
@@ -760,7 +972,72 @@ def image_info_from_stream(handle: IO[bytes]) -> Optional[ImageInfo]:
     elif head.startswith(b"\xff\xd8\xff"):
         handle.seek(2)
         info = jpeg_info(handle)
+    elif head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 13:
+        handle.seek(13)
+        info = gif_info(head, handle)
+    elif SVG_START.match(head):
+        handle.seek(0)
+        return svg_info(handle.read(SVG_HEAD_BYTES))
     return info if info and info.width > 0 and info.height > 0 else None
+
+
+def gif_info(head: bytes, handle: IO[bytes]) -> Optional[ImageInfo]:
+    """The logical screen's size and the frames counted by walking the blocks (image descriptors);
+    a file cut short still counts the frames it holds."""
+    width, height = int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    flags = head[10]
+    if flags & 0x80:
+        handle.seek(3 << ((flags & 7) + 1), os.SEEK_CUR)    # the global colour table
+    frames = 0
+    while True:
+        block = handle.read(1)
+        if block == b"\x2c":                                 # an image descriptor: one frame
+            descriptor = handle.read(9)
+            if len(descriptor) < 9:
+                break
+            frames += 1
+            if descriptor[8] & 0x80:
+                handle.seek(3 << ((descriptor[8] & 7) + 1), os.SEEK_CUR)
+            handle.seek(1, os.SEEK_CUR)                      # the LZW minimum code size
+        elif block == b"\x21":                               # an extension: its label, then data
+            handle.seek(1, os.SEEK_CUR)
+        else:                                                # the trailer, the end, or garbage
+            break
+        if not skip_gif_sub_blocks(handle):
+            break
+    return ImageInfo("gif", width, height, frames) if frames else None
+
+
+def skip_gif_sub_blocks(handle: IO[bytes]) -> bool:
+    while True:
+        length = handle.read(1)
+        if not length:
+            return False
+        if length == b"\x00":
+            return True
+        handle.seek(length[0], os.SEEK_CUR)
+
+
+def svg_info(head: bytes) -> Optional[ImageInfo]:
+    """An XML document whose root element is svg; its size from width and height, else the viewBox,
+    else 0. Read as text with patterns only: the tool never parses, interprets or renders SVG."""
+    text = head.decode("utf-8", "replace").lstrip("\ufeff")
+    text = re.sub(r"<\?.*?\?>|<!--.*?-->|<!DOCTYPE[^>[]*(\[.*?\])?\s*>", "", text, flags=re.S)
+    root = re.match(r"\s*<(?:[A-Za-z_][\w.-]*:)?svg(\s[^>]*)?/?>", text)
+    if not root:
+        return None
+    attributes = dict(re.findall(r'([\w:.-]+)\s*=\s*["\']([^"\']*)["\']', root.group(1) or ""))
+    width, height = (svg_length(attributes.get(name, "")) for name in ("width", "height"))
+    box = re.split(r"[\s,]+", attributes.get("viewBox", "").strip())
+    if not (width and height) and len(box) == 4:
+        width, height = (svg_length(value) for value in box[2:])
+    return ImageInfo("svg", width, height)
+
+
+def svg_length(text: str) -> int:
+    """A length in pixels (1024, 1024px, 1024.0); anything relative (100%, 10em) counts as not stated."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(px)?\s*", text)
+    return round(float(match.group(1))) if match else 0
 
 
 def webp_info(head: bytes) -> Optional[ImageInfo]:
@@ -779,6 +1056,10 @@ def webp_info(head: bytes) -> Optional[ImageInfo]:
     return ImageInfo("webp", width, height)
 
 
+# An SVG starts with its XML declaration, a comment, a doctype or the root element (after a byte order
+# mark or white space); a document this long has its root's start tag in it.
+SVG_START = re.compile(rb"(\xef\xbb\xbf)?\s*<(\?xml|!--|!DOCTYPE\s+svg|(?:[A-Za-z_][\w.-]*:)?svg[\s>/])", re.I)
+SVG_HEAD_BYTES = 64 * 1024
 # Start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
 JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -857,7 +1138,7 @@ def check_input_file(text: str, *, role: str, limit: int) -> InputFile:
         info = read_image_info(path)
     except OSError as err:
         raise UsageError(f"{role} {text} cannot be read: {err.strerror or err}") from None
-    if info is None or not info.width or not info.height:
+    if info is None or info.format not in INPUT_FORMATS or not info.width or not info.height:
         raise UsageError(f"{role} {text} is not a PNG, JPEG or WebP image (by its content)",
                          hint="convert it to PNG, JPEG or WebP")
     return InputFile(path, info, size)
@@ -972,18 +1253,94 @@ def check_output_folder(folder: Path, *, create: bool) -> None:
                          hint="choose another -f path") from None
 
 
+def profile_for(model: str) -> ModelProfile:
+    row = MODEL_PROFILES.get(model)
+    return ModelProfile(name=model, known=row is not None, **(row or UNKNOWN_MODEL))
+
+
+def models_that(test: Callable[[ModelProfile], bool]) -> str:
+    names = [name for name in MODEL_PROFILES if test(profile_for(name))]
+    return f"models that do: {', '.join(names)}" if names else "no model in the table does"
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave (by flag, batch field or default flag), by profile name."""
+    frames = args.frames if args.frames is not None else args.frame_ms
+    given = {"size": args.size, "quality": args.quality, "n": args.n, "background": args.background,
+             "moderation": args.moderation, "output_compression": args.output_compression, "mask": args.mask,
+             "stream": True if streaming(args) else None, "complexity": args.complexity, "frames": frames,
+             "svg_model": args.svg_model}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def check_profile(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> tuple[frozenset[str], list[str]]:
+    """What the model takes: a setting it does not take is refused (naming the models that do); one
+    its channel ignores is left out, with a warning. Returns the settings left out and warnings."""
+    left_out, warnings = set(), [] if profile.known else [
+        f"model {profile.name} is not in the table ({PROG} --list-models): sent as given; only the universal "
+        "size rules are checked"]
+    for name in given_settings(args):
+        if name == "n" and name not in profile.accepts:
+            left_out.add(name)      # a channel that makes one image per request: more is refused below
+        elif name in profile.ignores:
+            left_out.add(name)
+            warnings.append(f"{profile.name} ignores {SETTING_FLAGS[name]}: it was not sent")
+        elif name not in profile.accepts:
+            raise UsageError(f"{profile.name} does not take {SETTING_FLAGS[name]}",
+                             hint=models_that(lambda other: name in other.accepts), field=name)
+    if args.quality and "quality" not in left_out and args.quality not in profile.qualities:
+        raise UsageError(f"{profile.name} does not take -q {args.quality} (it takes {', '.join(profile.qualities)})",
+                         hint=models_that(lambda other: args.quality in other.qualities), field="quality")
+    if fmt not in profile.formats:
+        raise UsageError(f"{profile.name} does not make {fmt} images (it makes {', '.join(profile.formats)})",
+                         hint=models_that(lambda other: fmt in other.formats), field="output_format")
+    if (args.n or 1) > profile.max_n:
+        raise UsageError(f"-n {args.n}: {profile.name} makes at most {profile.max_n} per request"
+                         + (" (a flat channel bills every n it is sent)" if profile.line == "flat" else ""),
+                         hint="ask for fewer, or run a batch", field="n")
+    return frozenset(left_out), warnings
+
+
+# Output formats with rules of their own (gpt-image-2.6): the settings they cannot be combined with.
+FORMAT_EXCLUDES = {"gif": ("stream", "mask", "output_compression"),
+                   "svg": ("stream", "output_compression", "input_images")}
+
+
+def check_format_rules(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> None:
+    """GIF frames and the SVG author model belong to their format; each format rules some settings out."""
+    for setting, owner in (("frames", "gif"), ("svg_model", "svg")):
+        if setting in given_settings(args) and fmt != owner:
+            raise UsageError(f"{SETTING_FLAGS[setting]} applies to -o {owner} only", field=setting,
+                             hint=f"add -o {owner}, or drop {SETTING_FLAGS[setting]}")
+    given = {**given_settings(args), **({"input_images": True} if args.input_image else {})}
+    for setting in FORMAT_EXCLUDES.get(fmt, ()):
+        if setting in given:
+            flag = SETTING_FLAGS.get(setting, "-i")
+            raise UsageError(f"{fmt.upper()} output cannot be combined with {flag}", field=setting,
+                             hint=f"drop {flag}, or choose another -o")
+    if fmt == "svg" and (args.n or 1) > 1:
+        raise UsageError("SVG output makes one image per request", hint="drop -n, or run a batch", field="n")
+    if fmt == "svg" and "svg_model" in profile.accepts and not args.svg_model:
+        raise UsageError(f"-o svg with {profile.name} needs --svg-model NAME, the model that writes the SVG",
+                         hint="for example --svg-model gpt-5.6-terra (its tokens are billed too)", field="svg_model")
+
+
 def collect_fields(args: argparse.Namespace, *, prompt: str, size: Optional[str], fmt: str,
-                   format_given: bool) -> Fields:
-    """Only what the user gave goes on the wire (the server's defaults apply); model always does."""
+                   format_given: bool, left_out: frozenset[str] = frozenset()) -> Fields:
+    """Only what the user gave goes on the wire (the server's defaults apply); model always does.
+    What the model's channel ignores is left out."""
     fields: Fields = {"model": args.model, "prompt": prompt}
     optional = {"n": args.n, "size": size, "quality": args.quality,
                 "output_format": fmt if format_given else None,
                 "output_compression": args.output_compression,
-                "background": args.background, "moderation": args.moderation}
+                "background": args.background, "moderation": args.moderation, "complexity": args.complexity,
+                "frame_count": args.frames, "frame_duration_ms": args.frame_ms,
+                "svg": {"model": args.svg_model} if args.svg_model else None}
     if streaming(args):
         partials = DEFAULT_PARTIAL_IMAGES if args.partial_images is None else args.partial_images
         optional.update({"stream": True, "partial_images": partials})
-    fields.update({k: v for k, v in optional.items() if v is not None})
+    owner = {"frame_count": "frames", "frame_duration_ms": "frames", "svg": "svg_model", "partial_images": "stream"}
+    fields.update({k: v for k, v in optional.items() if v is not None and owner.get(k, k) not in left_out})
     return fields
 
 
@@ -1009,7 +1366,8 @@ def check_combinations(args: argparse.Namespace, fmt: str) -> list[str]:
         if fmt == "jpeg":
             raise UsageError("--background transparent needs png or webp; jpeg has no transparency",
                              hint="use -o png or -o webp", field="background")
-        return ["transparent backgrounds are in preview for gpt-image-2: some gateways refuse them"]
+        return ["transparent backgrounds are in preview for gpt-image-2: some gateways refuse them"] \
+            if args.model == DEFAULT_MODEL else []
     return []
 
 
@@ -1024,22 +1382,26 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
         for text in [value] if isinstance(value, str) else value or ():
             with about(field):
                 check_text(text, flag)
-    with about("size"):
-        size, size_note = resolve_size(args.size, args.resolution)
     with about("filename"):
         path, fmt, format_given, warnings = plan_output_path(args.filename, normalise_format(args.output_format),
                                                              prompt, default_stem=default_stem)
-    warnings += check_combinations(args, fmt)
+    profile = profile_for(args.model)
+    left_out, profile_warnings = check_profile(args, profile, fmt)
+    check_format_rules(args, profile, fmt)
+    warnings += profile_warnings + check_combinations(args, fmt)
     with about("input_images"):
         images = tuple(check_input_file(p, role="input image", limit=MAX_INPUT_BYTES) for p in args.input_image or ())
     with about("mask"):
         mask = check_mask(args.mask, images[0]) if args.mask else None
+    with about("size"):
+        size, size_note = resolve_size(None if "size" in left_out else args.size, args.resolution, profile, fmt=fmt,
+                                       frames=args.frames or 9, first_input=images[0] if images else None)
     output = OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials,
-                        auto_named=args.filename is None and default_stem is None)
+                        auto_named=args.filename is None and default_stem is None, strict=args.strict_size)
     with about("filename"):
         check_name_lengths(output, args.n or 1)
         check_output_folder(path.parent, create=create_folder)
-    fields = collect_fields(args, prompt=prompt, size=size, fmt=fmt, format_given=format_given)
+    fields = collect_fields(args, prompt=prompt, size=size, fmt=fmt, format_given=format_given, left_out=left_out)
     return ImageJob(prompt=prompt, fields=fields, images=images, mask=mask, output=output,
                     notes=(size_note,) if size_note else (),
                     warnings=tuple(warnings))
@@ -1314,7 +1676,11 @@ def check_manifest_link(manifest: Path) -> None:
     """A manifest that is a symlink out of its folder would have the batch append to a file elsewhere."""
     if not manifest.is_symlink():
         return
-    folder, target = manifest.parent.resolve(), manifest.resolve()
+    try:
+        folder, target = manifest.parent.resolve(), manifest.resolve()
+    except (OSError, RuntimeError):     # a loop of links (RuntimeError before Python 3.13)
+        raise UsageError(f"the manifest {manifest} is a symlink that leads nowhere (a loop)",
+                         hint="remove the link, then run the same command again") from None
     if folder not in target.parents:
         raise UsageError(f"the manifest {manifest} is a symlink to {target}, outside {folder}",
                          hint="remove the link (or use --out-dir), then run the same command again")
@@ -1374,9 +1740,10 @@ def resolve_api_key(flag: Optional[str], env: Mapping[str, str], *, required: bo
     if any(ch.isspace() or not 0x21 <= ord(ch) <= 0x7E for ch in key):
         raise AuthError("the API key contains spaces or characters that cannot go in a header",
                         hint=f"copy the key again into {ENV_API_KEY}")
-    if len(key) < MIN_KEY_CHARS:
-        raise AuthError(f"the API key has {len(key)} characters; a key has at least {MIN_KEY_CHARS}",
-                        hint=f"copy the whole key (sk-...) into {ENV_API_KEY}")
+    if len(key) < MIN_KEY_CHARS or re.fullmatch(r"[a-z_]+", key):
+        problem = f"has {len(key)} characters; a key has at least {MIN_KEY_CHARS}" if len(key) < MIN_KEY_CHARS \
+            else "is a plain word, not a key"
+        raise AuthError(f"the API key {problem}", hint=f"copy the whole key (sk-...) into {ENV_API_KEY}")
     return key, warnings
 
 
@@ -1542,6 +1909,8 @@ def watched_handlers(watchdog: Watchdog, io_timeout_s: float) -> list[Any]:
                 super().connect()
                 self.sock.settimeout(io_timeout_s)
                 watchdog.sockets.append(self.sock)
+                if watchdog.expired:        # the deadline passed while connecting
+                    raise TimeoutError("the deadline passed while connecting")
         return Watched
 
     class Http(urllib.request.HTTPHandler):
@@ -1574,7 +1943,7 @@ def open_url(request: HttpRequest, *, timeout_s: float, follow_redirects: bool, 
     opener = urllib.request.build_opener(*handlers)
     data = body_pieces(request.body, on_stage) if request.body else None
     urllib_request = urllib.request.Request(request.url, data=data, headers=request.headers, method=request.method)
-    return opener.open(urllib_request, timeout=min(timeout_s, CONNECT_TIMEOUT_S))
+    return opener.open(urllib_request, timeout=CONNECT_TIMEOUT_S)
 
 
 def body_pieces(body: Union[bytes, MultipartBody], on_stage: Callable[[str], None]) -> Iterator[bytes]:
@@ -1597,6 +1966,7 @@ def read_body(response: Any, *, deadline: float, limit: int, what: str = "") -> 
         check_deadline(deadline)
         piece = read_piece(min(READ_CHUNK, limit - position))
         if not piece:
+            check_deadline(deadline)    # an end that is the watchdog's, not the server's
             break
         pieces.append(piece)
         position += len(piece)
@@ -1637,6 +2007,7 @@ def copy_body(response: Any, out: IO[bytes], *, deadline: float, limit: int) -> 
         check_deadline(deadline)
         piece = read_piece(SPOOL_PIECE)
         if not piece:
+            check_deadline(deadline)    # an end that is the watchdog's, not the server's
             break
         written += len(piece)
         if written > limit:
@@ -1649,7 +2020,7 @@ def copy_body(response: Any, out: IO[bytes], *, deadline: float, limit: int) -> 
 
 
 def check_deadline(deadline: float) -> None:
-    if time.monotonic() > deadline:
+    if time.monotonic() >= deadline:
         raise TimeoutError("the answer took longer than --timeout")
 
 
@@ -1667,7 +2038,7 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
     import urllib.error
 
     sent: list[float] = []      # when the last byte went out: --timeout counts from there
-    watchdog = Watchdog()
+    started, watchdog = time.monotonic(), Watchdog()
 
     def on_stage(stage: str) -> None:
         if stage == "sent":
@@ -1678,7 +2049,7 @@ def send_request(request: HttpRequest, *, timeout_s: float, follow_redirects: bo
         transfer.on_stage(stage)
 
     def deadline() -> float:
-        return (sent[0] if sent else time.monotonic()) + timeout_s
+        return (sent[0] if sent else started) + timeout_s
 
     watchdog.arm(*((upload_deadline_s(request), "upload") if request.body else (timeout_s, "answer")))
     try:
@@ -1709,13 +2080,13 @@ def exchange_failure(err: Exception, request: HttpRequest, *, sent: bool, expire
         return MaybeBilledError(f"no complete answer from {host} within {timeout_s:g} s",
                                 hint=billed_hint(timeout_s))
     reason = reason_text(err.reason if isinstance(err, urllib.error.URLError) else err)
-    if not sent and isinstance(err, urllib.error.URLError):
+    if not sent and (request.body or isinstance(err, urllib.error.URLError)):
         return ConnectError(f"could not reach {host}: {reason}", hint=connect_hint(reason))
     if isinstance(err, ValueError):
         return MaybeBilledError(f"the answer from {host} was malformed: {body_excerpt(str(err))}",
-                                kind="dropped", hint=billed_hint())
+                                hint=billed_hint())
     return MaybeBilledError(f"the connection to {host} dropped after the request was sent: {reason}",
-                            kind="dropped", hint=billed_hint())
+                            hint=billed_hint())
 
 
 class EventSpanParser:
@@ -1816,6 +2187,8 @@ def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, 
             raise too_large("one event of the stream", MAX_IMAGE_BASE64 + ANSWER_JSON_ROOM)
         spool.write(piece)
         ended = not piece
+        if ended:
+            check_deadline(deadline)    # an end that is the watchdog's, not the server's
         for name, spans in parser.feed(piece, offset) if piece else parser.finish():
             kind, event, value = spooled_event(spool, name, spans)
             ended = ended or kind == "done"
@@ -1907,14 +2280,15 @@ def read_answer(response: Any, transfer: Transfer, *, deadline: float) -> HttpRe
 def stream_error(event: Mapping[str, Any]) -> ToolError:
     """An error event: refused (exit 4) when the request itself was at fault, else the service (5)."""
     error = event.get("error") if isinstance(event.get("error"), dict) else event
-    message = body_excerpt(str(error.get("message") or event.get("error") or "the stream reported an error"))
+    server_text = str(error.get("message") or event.get("error") or "the stream reported an error")
     kind, code = str(error.get("type") or ""), str(error.get("code") or "")
-    refused = kind in ("invalid_request_error", "image_generation_user_error") or \
-        code in ("moderation_blocked", "content_policy_violation")
-    cls = RefusedError if refused else ServiceError
     label = code or (kind if kind != "error" else "")
-    return cls(f"the stream reported an error: {message}" + (f" ({label})" if label else ""),
-               code=code or None, hint="change the prompt or parameters" if refused else "retry later")
+    message = f"the stream reported an error: {body_excerpt(server_text)}" + (f" ({label})" if label else "")
+    if is_safety_refusal(code, server_text):
+        return safety_refusal(message, server_text, code=code)
+    refused = kind in ("invalid_request_error", "image_generation_user_error")
+    cls = RefusedError if refused else ServiceError
+    return cls(message, code=code or None, hint="change the prompt or parameters" if refused else "retry later")
 
 
 def connect_hint(reason: str) -> str:
@@ -2125,8 +2499,8 @@ def request_id_of(headers: Mapping[str, str]) -> str:
 def status_hint(status: int, code: str, config: ApiConfig) -> str:
     if is_account_problem(status, code):
         return f"check {ENV_API_KEY} (or -k) and the balance of the account at https://api.apiyi.com"
-    if code in ("moderation_blocked", "content_policy_violation"):
-        return "the safety system refused it: rephrase the prompt"
+    if status == 429:
+        return "the model's concurrency quota is full: wait a minute and run it again (or lower -j)"
     if status == 404:
         return f"check --base-url ({config.base_url}) and --model"
     if status == 413:
@@ -2153,6 +2527,9 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
     else:
         text = body_excerpt(str(error.get("message") or "")) or body_excerpt(response.body) or "(empty body)"
     message = f"HTTP {status}: {text}" + (f" ({', '.join(details)})" if details else "")
+    if status < 500 and is_safety_refusal(code, str(error.get("message") or response.body[:4096])):
+        return safety_refusal(message, str(error.get("message") or ""), status=status, code=code,
+                              body=short_body(response.body))
     cls: type[ToolError] = ServiceError
     if is_account_problem(status, code):
         cls = AuthError
@@ -2161,7 +2538,25 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
     elif 300 <= status < 500 and not is_retryable(status):
         cls = RefusedError
     return cls(message, status=status, code=code or None, hint=status_hint(status, code, config),
-               body=short_body(response.body))
+               body=short_body(response.body), kind="rate_limited" if status == 429 and cls is ServiceError else "")
+
+
+def is_safety_refusal(code: str, message: str) -> bool:
+    return code in SAFETY_CODES or bool(SAFETY_WORDS.search(message))
+
+
+def safety_refusal(message: str, server_text: str, *, status: Optional[int] = None, code: str = "",
+                   body: str = "") -> RefusedError:
+    """What the block names, when it does: the categories (safety_violations=[...]) and whether the
+    prompt or an input image set it off."""
+    categories = re.search(r"safety_violations=\[([^\]]*)\]", server_text)
+    source = next((who for who, words in (("image", r"\b(input|uploaded|reference) images?\b"),
+                                          ("prompt", r"\bprompt\b")) if re.search(words, server_text, re.I)), "")
+    details: dict[str, Any] = {"categories": [c.strip(" '\"") for c in categories.group(1).split(",") if c.strip()]
+                               } if categories else {}
+    details.update({"source": source} if source else {})
+    return RefusedError(message, status=status, code=code or None, kind="safety_refusal", hint=SAFETY_HINT,
+                        body=body, details=details)
 
 
 def load_json_object(raw: Union[bytes, bytearray]) -> dict[str, Any]:
@@ -2358,9 +2753,14 @@ def read_spooled_answer(spool: Path, *, streamed: bool) -> tuple[dict[str, Any],
     if not isinstance(items, list) or not items:
         error = meta.get("error")
         if error:
-            message = error.get("message") if isinstance(error, dict) else error
-            raise ServiceError(f"the answer holds an error instead of images: {message}")
-        raise ServiceError("the answer has no images (no data)", hint=PAID_ANSWER_HINT)
+            message = str((error.get("message") if isinstance(error, dict) else error) or "")
+            text = f"the answer holds an error instead of images: {body_excerpt(message)}"
+            if is_safety_refusal(str(error.get("code") or "") if isinstance(error, dict) else "", message):
+                raise safety_refusal(text, message)
+            raise ServiceError(text, hint=PAID_ANSWER_HINT)
+        raise ServiceError("the answer holds no image: the service declined without saying why (a silent "
+                           "refusal)", kind="silent_refusal",
+                           hint="it was probably billed; rephrase the prompt rather than retry it as it is")
     found = iter(spans)
     return meta, tuple(spooled_source(item, found) for item in items)
 
@@ -2639,17 +3039,18 @@ def is_private_folder(folder: Path) -> bool:
     return not os.lstat(folder).st_mode & 0o077
 
 
-def fill_and_inspect(fill: ImageFill) -> Callable[[IO[bytes]], SavedImage]:
-    """Write the image, then read its real format and size back from the file's first bytes."""
+def fill_and_inspect(fill: ImageFill, *, keep_unknown: bool = False) -> Callable[[IO[bytes]], SavedImage]:
+    """Write the image, then read its real format and size back from the file. Bytes that are no
+    image are refused, or, when they were paid for (keep_unknown), kept as format "bin"."""
     def write(handle: IO[bytes]) -> SavedImage:
         size, digest = fill(handle)
         handle.seek(0)
         info = image_info_from_stream(handle)
-        if info is None:
+        if info is None and not keep_unknown:
             handle.seek(0)
-            raise ServiceError(f"the answer's image is not a PNG, JPEG or WebP ({size} bytes starting "
+            raise ServiceError(f"the answer's image is not a PNG, JPEG, WebP, GIF or SVG ({size} bytes starting "
                                f"{handle.read(8).hex()})", hint=PAID_ANSWER_HINT)
-        return SavedImage(Path(), info, size, digest)
+        return SavedImage(Path(), info or ImageInfo("bin", 0, 0), size, digest)
 
     return write
 
@@ -2662,7 +3063,8 @@ def save_image(fill: ImageFill, target: Path, *, overwrite: bool) -> SavedImage:
     try:
         destination = target
         target.parent.mkdir(parents=True, exist_ok=True)
-        path, image = save_file(target, fill_and_inspect(fill), replace=overwrite, rename=name_for)
+        path, image = save_file(target, fill_and_inspect(fill, keep_unknown=True), replace=overwrite,
+                                rename=name_for)
         return dataclasses.replace(image, path=path)
     except OSError as err:
         reason = f"{target} could not be written ({err.strerror or err})"
@@ -2671,7 +3073,8 @@ def save_image(fill: ImageFill, target: Path, *, overwrite: bool) -> SavedImage:
         folder = fallback_folder()
         destination = folder / target.name
         folder.mkdir(parents=True, exist_ok=True)
-        path, image = save_file(destination, fill_and_inspect(fill), replace=False, rename=name_for)
+        path, image = save_file(destination, fill_and_inspect(fill, keep_unknown=True), replace=False,
+                                rename=name_for)
     except OSError as err:
         raise ServiceError(f"the image was received but could not be saved: {reason}; "
                            f"the fallback {folder} failed too ({err.strerror or err})", kind="save_failed",
@@ -2687,8 +3090,7 @@ def build_metadata(job: ImageJob, saved: SavedImage, result_meta: Mapping[str, A
             "mode": job.mode, "endpoint": job.endpoint, "parameters": parameters,
             "input_images": [str(f.path) for f in job.images],
             "mask": str(job.mask.path) if job.mask else None,
-            "requested_size": job.fields.get("size"), "size": f"{saved.info.width}x{saved.info.height}",
-            "format": saved.info.format, "bytes": saved.size_bytes, "sha256": saved.sha256,
+            **requested_and_real(job, saved), "bytes": saved.size_bytes, "sha256": saved.sha256,
             "usage": result_meta.get("usage"), "revised_prompt": first_revised_prompt(result_meta),
             "request_id": request_id or None, "created": result_meta.get("created"),
             "elapsed_s": round(elapsed_s, 3)}
@@ -2768,6 +3170,7 @@ def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: 
         problem = FallbackSaveError(f"{fallbacks[0].fallback_reason}; saved to the fallback {fallbacks[0].path}",
                                     hint="use the printed path, or move the file where you want it")
     partials = settle_previews(received.preview_paths, keep=job.output.keep_partials, arrived=arrived)
+    problem = problem or strict_size_error(job, saved)
     return RunResult(job, tuple(saved), meta, received.request_id, received.elapsed_s,
                      tuple(warnings + size_warnings(job, saved)), problem, previews=received.previews,
                      partials=partials)
@@ -2791,6 +3194,11 @@ def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
                     raise
                 problem = err
                 continue
+            if image.info.format == "bin":
+                problem = problem or ServiceError(
+                    f"an image in the answer is not a PNG, JPEG, WebP, GIF or SVG: its {image.size_bytes:,} bytes "
+                    f"are kept in {image.path}", kind="service", hint=PAID_ANSWER_HINT)
+                continue
             intended = path_for_format(target, image.info.format)
             if image.info.format != job.output.format:
                 warnings.append(f"expected {job.output.format} but the image is {image.info.format}: "
@@ -2804,12 +3212,36 @@ def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
     return saved, arrived, warnings, problem
 
 
+def requested_and_real(job: ImageJob, image: SavedImage) -> dict[str, Any]:
+    """What was asked and what came, side by side: size, format and, for a GIF, frames. An SVG that
+    states no size has no real size to compare."""
+    info = image.info
+    pairs = {"size": (job.fields["size"] if job.size_explicit else None,
+                      f"{info.width}x{info.height}" if info.width else None),
+             "format": (job.output.format, info.format)}
+    if job.output.format == "gif" or info.format == "gif":
+        pairs["frames"] = (job.fields.get("frame_count", 9), info.frames if info.format == "gif" else None)
+    return {f"{name}_{side}": value for name, pair in pairs.items() for side, value in zip(("requested", "real"), pair)}
+
+
+def mismatches(job: ImageJob, image: SavedImage) -> list[str]:
+    both = requested_and_real(job, image)
+    return [f"asked for {name} {both[f'{name}_requested']} but {image.path.name} has {both[f'{name}_real']}"
+            for name in ("size", "format", "frames") if f"{name}_real" in both and both[f"{name}_requested"]
+            and both[f"{name}_real"] and both[f"{name}_requested"] != both[f"{name}_real"]]
+
+
 def size_warnings(job: ImageJob, saved: Sequence[SavedImage]) -> list[str]:
-    if not job.size_explicit:
-        return []
-    requested = job.fields["size"]
-    return [f"asked for {requested} but {s.path.name} is {s.info.width}x{s.info.height}"
-            for s in saved if f"{s.info.width}x{s.info.height}" != requested]
+    """The format is warned about as it is saved; size and frames here."""
+    return [text for image in saved for text in mismatches(job, image) if not text.startswith("asked for format")]
+
+
+def strict_size_error(job: ImageJob, saved: Sequence[SavedImage]) -> Optional[ToolError]:
+    found = [text for image in saved for text in mismatches(job, image)]
+    if not (job.output.strict and found):
+        return None
+    return MismatchError(f"{found[0]} (--strict-size)" + (f", and {len(found) - 1} more" if len(found) > 1 else ""),
+                         hint="the file is kept; ask again with another size, or without --strict-size")
 
 
 def state_folder(env: Mapping[str, str]) -> Path:
@@ -2971,7 +3403,8 @@ def error_from_document(document: Mapping[str, Any]) -> ToolError:
     """A failure recorded by a worker, with the exit code it had there."""
     err = ToolError(str(document.get("message") or "the job failed"), hint=document.get("hint") or "",
                     status=document.get("status"), code=document.get("code"), kind=document.get("kind") or "error",
-                    problems=document.get("problems") or (), body=document.get("body") or "")
+                    problems=document.get("problems") or (), body=document.get("body") or "",
+                    details={k: document[k] for k in ("categories", "source") if k in document})
     err.exit_code = int(document.get("exit_code") or EXIT_BUG)
     return err
 
@@ -2999,12 +3432,12 @@ def redact(text: str, secret: str) -> str:
 
 
 def scrub(value: Any, secret: str) -> Any:
-    """A JSON value with the key masked in its strings only: the names and the structure are never
-    touched, whatever text the key happens to share with them."""
+    """A JSON value with the key masked in its strings and names (a server may echo it in either), its
+    structure kept. None of our own names can hold a key: a key that reads as a word is refused."""
     if isinstance(value, str):
         return redact(value, secret)
     if isinstance(value, dict):
-        return {name: scrub(item, secret) for name, item in value.items()}
+        return {redact(str(name), secret): scrub(item, secret) for name, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [scrub(item, secret) for item in value]
     return value
@@ -3367,6 +3800,7 @@ def item_record(item: BatchItem, status: str, *, result: Optional[RunResult] = N
             "n": item.job.n, "target": str(item.job.output.path), "paths": paths,
             "warnings": list(result.warnings) if result else [],
             "sha256": [s.sha256 for s in files], "sizes": [f"{s.info.width}x{s.info.height}" for s in files],
+            "requested_and_real": [requested_and_real(item.job, s) for s in files],
             "usage": result.meta.get("usage") if result else None,
             "request_id": (result.request_id or None) if result else None,
             "elapsed_s": round(elapsed_s, 3), "error": error_document(error) if error else None,
@@ -3496,7 +3930,7 @@ class Console:
         self.events_mode = events_mode      # stderr carries JSON Lines events only
         self.secrets: list[str] = []
         self.started = time.monotonic()
-        self._live = False
+        self._live = 0     # the width of the live line on screen (0: none)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -3525,8 +3959,8 @@ class Console:
 
     def live(self, text: str) -> None:
         if not self.events_mode:
-            self._live = True
-            self._write(sys.stderr, "\r" + text.ljust(60))
+            self._write(sys.stderr, "\r" + text.ljust(max(60, self._live)))
+            self._live = max(self._live, len(text))
 
     def event(self, name: str, **fields: Any) -> None:
         """One JSON line on stderr with --events; t counts seconds from this command's start."""
@@ -3536,8 +3970,8 @@ class Console:
 
     def end_live(self) -> None:
         if self._live:
-            self._live = False
-            self._write(sys.stderr, "\r" + " " * 60 + "\r")
+            self._write(sys.stderr, "\r" + " " * max(60, self._live) + "\r")
+            self._live = 0
 
     def warn(self, text: str) -> None:
         if self.events_mode:
@@ -3599,8 +4033,10 @@ def start_line(job: ImageJob) -> str:
     settings = ", ".join(f"{label}{job.fields[k]}" for k, label in (("size", ""), ("quality", "quality "),
                                                                    ("output_format", "")) if k in job.fields)
     stream = f", streaming {job.fields['partial_images']} previews" if job.streamed else ""
+    low, high = profile_for(job.fields["model"]).seconds
+    slowest = ", up to 5 min at high quality or 4K" if job.fields["model"] == DEFAULT_MODEL else ""
     return (f"{action} {count} with {job.fields['model']}" + (f" ({settings})" if settings else "") + stream
-            + ": usually 120-150 s, up to 5 min at high quality or 4K")
+            + f": usually {low}-{high} s{slowest}")
 
 
 # How a worker's event reads on a console; the others are shown only with --events.
@@ -3903,13 +4339,25 @@ def interrupted_in_process(files: JobFiles, record: Mapping[str, Any]) -> Interr
     temporaries go, the previews written stay."""
     with contextlib.suppress(OSError):
         files.cancel.write_text("unless-sent", encoding="ascii")
-    for temporary in list(LIVE_TEMPORARIES):
-        remove_quietly(temporary)
+    record = settled_record(files, record)
+    for temporary in [] if record.get("received") else list(LIVE_TEMPORARIES):
+        remove_quietly(temporary)     # a save under way is left to finish, or to the next command
     stage = "received" if record.get("received") else "sent" if record.get("sent") else "unsent"
     message, hint = IN_PROCESS_ENDINGS[stage]
     previews = written_previews(files)
     kept = f"; the last preview is kept at {', '.join(previews)}" if previews else ""
     return InterruptedRun(message + kept, hint=hint)
+
+
+def settled_record(files: JobFiles, record: Mapping[str, Any], wait_s: float = 2.0) -> Mapping[str, Any]:
+    """The record once the worker has taken its side: the last byte went out (it records that at
+    once), or it stopped at the next piece, or it ended. Until then the interrupt may have come
+    between the last byte and its record."""
+    deadline = time.monotonic() + wait_s
+    while not record.get("sent") and record.get("state") not in FINISHED_STATES and time.monotonic() < deadline:
+        time.sleep(0.02)
+        record = read_record(files.record) or record
+    return record
 
 
 def written_previews(files: JobFiles) -> list[str]:
@@ -4082,7 +4530,7 @@ class BatchMonitor:
         ended = [r for r in self.records.values() if r["status"] != "skipped"]
         failed = sum(r["status"] == "failed" for r in ended)
         left = len(self.plan.items) - len(self.records)
-        average = sum(r["elapsed_s"] for r in ended) / len(ended) if ended else sum(TYPICAL_SECONDS) / 2
+        average = sum(r["elapsed_s"] for r in ended) / len(ended) if ended else sum(typical_seconds(self.plan)) / 2
         rounds = math.ceil(left / max(1, self.plan.jobs))
         elapsed = time.monotonic() - self.started
         return (f"batch: {len(ended) - failed} done, {failed} failed, {len(self.running)} running, "
@@ -4182,6 +4630,22 @@ def job_summary(files: JobFiles, record: Mapping[str, Any]) -> dict[str, Any]:
             "exit_code": record.get("exit_code"), "peak_rss_kib": record.get("peak_rss_kib")}
 
 
+def run_list_models(console: Console) -> int:
+    """The profile table, as text or JSON: what each model takes, makes, bills and usually takes."""
+    profiles = [profile_for(name) for name in MODEL_PROFILES]
+    if console.json_mode:
+        console.document({"ok": True, "default": DEFAULT_MODEL, "models": [
+            {**dataclasses.asdict(p), "vip_sizes": VIP_SIZES if p.sizes == "vip" else None} for p in profiles]})
+        return EXIT_OK
+    for p in profiles:
+        qualities = ",".join(p.qualities) or "-"
+        console.result(f"{p.name:<24} {p.line:<8} {p.billing:<17} {p.seconds[0]}-{p.seconds[1]} s  "
+                       f"n<={p.max_n}  formats {','.join(p.formats)}  quality {qualities}")
+        console.result(f"{'':<24} {p.note}; takes {', '.join(SETTING_FLAGS[a] for a in p.accepts)}"
+                       + (f"; ignores {', '.join(SETTING_FLAGS[i] for i in p.ignores)}" if p.ignores else ""))
+    return EXIT_OK
+
+
 def run_list_jobs(console: Console, env: Mapping[str, str]) -> int:
     folder = open_state_folder(env)
     summaries = [job_summary(JobFiles(folder, r["id"]), r) for r in list_records(folder)]
@@ -4256,7 +4720,7 @@ def report_result(result: RunResult, console: Console) -> int:
 
 def result_document(result: RunResult) -> dict[str, Any]:
     files = [{"path": str(s.path), "format": s.info.format, "width": s.info.width, "height": s.info.height,
-              "bytes": s.size_bytes} for s in result.files]
+              "bytes": s.size_bytes, **requested_and_real(result.job, s)} for s in result.files]
     document: dict[str, Any] = {"ok": result.error is None, "files": files,
                                 "model": result.job.fields["model"], "mode": result.job.mode,
                                 "size": result.job.fields.get("size", "auto"),
@@ -4277,7 +4741,7 @@ def result_document(result: RunResult) -> dict[str, Any]:
 def error_document(err: ToolError) -> dict[str, Any]:
     document = {"kind": err.kind, "message": err.message, "status": err.status, "code": err.code,
                 "hint": err.hint or None, "exit_code": err.exit_code}
-    extras = {"problems": list(err.problems), "body": err.body}
+    extras = {"problems": list(err.problems), "body": err.body, **err.details}
     return {**document, **{name: value for name, value in extras.items() if value}}
 
 
@@ -4321,11 +4785,17 @@ def clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
-def batch_estimate(count: int, jobs: int) -> str:
+def typical_seconds(plan: BatchPlan) -> tuple[int, int]:
+    """The slowest model's usual seconds among the items: a round lasts as long as its slowest item."""
+    return max((profile_for(item.job.fields["model"]).seconds for item in plan.to_run),
+               default=profile_for(DEFAULT_MODEL).seconds, key=lambda pair: pair[1])
+
+
+def batch_estimate(count: int, jobs: int, seconds: tuple[int, int]) -> str:
     rounds = math.ceil(count / jobs)
-    low, high = (rounds * s for s in TYPICAL_SECONDS)
+    low, high = (rounds * s for s in seconds)
     return (f"about {clock(low)}-{clock(high)} ({rounds} round{'s' if rounds > 1 else ''} of "
-            f"{TYPICAL_SECONDS[0]}-{TYPICAL_SECONDS[1]} s at -j {jobs}; longer at high quality or 4K)")
+            f"{seconds[0]}-{seconds[1]} s at -j {jobs}; longer at high quality or 4K)")
 
 
 def append_manifest(path: Path, record: Mapping[str, Any]) -> None:
@@ -4367,7 +4837,7 @@ def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
         entries.append({"item": item.number, "skip": item.skipped, "request": request, "outputs": outputs})
     runnable = len(plan.to_run)
     summary = (f"{len(plan.items)} items: {runnable} to send, {len(plan.items) - runnable} already done; "
-               + batch_estimate(runnable, plan.jobs))
+               + batch_estimate(runnable, plan.jobs, typical_seconds(plan)))
     if console.json_mode:
         console.document({"ok": True, "dry_run": True, "batch": str(plan.source), "manifest": str(plan.manifest),
                           "jobs": plan.jobs, "items": entries, "to_send": runnable, "estimate": summary})
@@ -4385,7 +4855,8 @@ def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
 
 
 # Flags that act on jobs already started; they take no prompt, batch or request settings.
-JOB_ACTIONS = (("--attach", "attach"), ("--cancel", "cancel"), ("--list-jobs", "list_jobs"))
+JOB_ACTIONS = (("--attach", "attach"), ("--cancel", "cancel"), ("--list-jobs", "list_jobs"),
+               ("--list-models", "list_models"))
 
 
 def check_mode_flags(args: argparse.Namespace) -> None:
@@ -4444,7 +4915,7 @@ def run_batch(plan: BatchPlan, config: ApiConfig, console: Console, env: Mapping
               args: argparse.Namespace) -> int:
     runnable = len(plan.to_run)
     console.progress(f"batch {plan.source}: {len(plan.items)} items, {len(plan.items) - runnable} already done, "
-                     f"{runnable} to generate at -j {plan.jobs}: {batch_estimate(runnable, plan.jobs)}"
+                     f"{runnable} to generate at -j {plan.jobs}: {batch_estimate(runnable, plan.jobs, typical_seconds(plan))}"
                      if runnable else f"batch {plan.source}: all {len(plan.items)} items are already done")
     plan.manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest = os.path.abspath(plan.manifest)
@@ -4471,6 +4942,9 @@ def run_single(job: ImageJob, config: ApiConfig, console: Console, env: Mapping[
 
 def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
     check_mode_flags(args)
+    args.model = args.model or env.get(ENV_MODEL, "").strip() or DEFAULT_MODEL
+    if args.list_models:
+        return run_list_models(console)
     if args.list_jobs:
         return run_list_jobs(console, env)
     if args.cancel:
@@ -4527,20 +5001,26 @@ def build_parser() -> CliParser:
     what.add_argument("-p", "--prompt", metavar="TEXT", action=StoreOnce,
                       help="the prompt, sent exactly as given; - reads it from stdin (UTF-8); at most 32000 characters")
     what.add_argument("-s", "--size", metavar="SIZE",
-                      help=f"auto (the server's default), a preset ({', '.join(SIZE_PRESETS)}), any WxH (edges "
+                      help=f"auto (the server's default), match (the first input image's shape), a preset ({', '.join(SIZE_PRESETS)}), any WxH (edges "
                            "multiples of 16, at most 3840, ratio at most 3:1, 655,360-8,294,400 pixels) or a ratio "
                            "W:H such as 16:9 with -r")
     what.add_argument("-r", "--resolution", type=convert["resolution"],
                       metavar="{1K,2K,4K}", help="long edge for a W:H size: 1K=1024, 2K=2048, 4K=3840 (default 1K)")
     what.add_argument("-q", "--quality", type=convert["quality"], metavar="{" + ",".join(QUALITIES) + "}",
-                      help="low (drafts), medium, high (final, fine text) or auto (the server's default)")
+                      help="low (drafts), medium, high (final, fine text) or auto (the server's default); xhigh "
+                           "and max on gpt-image-2.5 and 2.6")
+    what.add_argument("--complexity", type=convert["complexity"], metavar="{" + ",".join(COMPLEXITIES) + "}",
+                      help="how much detail gpt-image-2.6 puts in (its default: high); independent of -q")
     what.add_argument("-n", "--n", type=convert["n"], metavar="N",
                       help="images in one request, 1-10; files are then NAME-1, NAME-2, ...")
     what.add_argument("--background", type=convert["background"], metavar="{" + ",".join(BACKGROUNDS) + "}",
                       help="transparent needs png or webp (in preview for gpt-image-2)")
     what.add_argument("--moderation", type=convert["moderation"], metavar="{" + ",".join(MODERATIONS) + "}",
                       help="content filter strictness; text-to-image only")
-    what.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME", help="model name (default %(default)s)")
+    what.add_argument("--model", metavar="NAME",
+                      help=f"model or channel (default: ${ENV_MODEL}, else {DEFAULT_MODEL}); see --list-models")
+    what.add_argument("--list-models", action="store_true",
+                      help="the models and channels the tool knows: what each takes, bills and usually takes")
     inputs = parser.add_argument_group("input images (edit and fusion)")
     inputs.add_argument("-i", "--input-image", action="extend", nargs="+", metavar="PATH",
                         help="1-16 PNG/JPEG/WebP images under 50 MiB, in order (image 1, image 2, ...); "
@@ -4552,7 +5032,17 @@ def build_parser() -> CliParser:
     output.add_argument("-f", "--filename", metavar="PATH", action=StoreOnce,
                         help="where to save (folders are created); default: TIMESTAMP-SLUG-RANDOM.png here")
     output.add_argument("-o", "--output-format", type=convert["output_format"],
-                        metavar="{png,jpeg,jpg,webp}", help="default: from the -f extension, else png")
+                        metavar="{png,jpeg,jpg,webp,gif,svg}",
+                        help="default: from the -f extension, else png; gif and svg on gpt-image-2.6")
+    output.add_argument("--frames", type=convert["frame_count"], metavar="N",
+                        help="GIF: frames, %d-%d (the API's default: 9)" % GIF_FRAMES)
+    output.add_argument("--frame-ms", type=convert["frame_duration_ms"], metavar="MS",
+                        help="GIF: milliseconds per frame, %d-%d in steps of %d (the API's default: 200)" % GIF_FRAME_MS)
+    output.add_argument("--svg-model", metavar="NAME",
+                        help="SVG on gpt-image-2.6: the model that writes it (e.g. gpt-5.6-terra; billed too)")
+    output.add_argument("--strict-size", action="store_true",
+                        help=f"an image saved at another size, format or frame count than asked ends with exit "
+                             f"{EXIT_MISMATCH} (the file is kept)")
     output.add_argument("-c", "--output-compression", type=convert["output_compression"], metavar="N",
                         help="0-100, jpeg and webp only")
     output.add_argument("--overwrite", action="store_true",

@@ -161,8 +161,9 @@ def test_every_invalid_item_is_reported_and_nothing_is_sent(online: CliRunner, a
     problems = run.json()["error"]["problems"]
     assert problems == [
         "global, qualty: unknown field; the fields are size, resolution, quality, output_format, "
-        "output_compression, input_images, mask, n, background, moderation, model",
-        "item 2, quality: 'ultra' is not one of auto, low, medium, high",
+        "output_compression, input_images, mask, n, background, moderation, model, complexity, frame_count, "
+        "frame_duration_ms, svg_model",
+        "item 2, quality: 'ultra' is not one of auto, low, medium, high, xhigh, max",
         "item 2, n: 0 is outside 1-10",
         "item 3, prompt: missing",
         "item 4: must be a prompt or a JSON object",
@@ -383,7 +384,7 @@ def test_the_manifest_records_each_item_as_it_ends(online: CliRunner, api: FakeI
         "sizes": ["1024x1024"], "request_id": "req_fake_123", "error": None}
     assert ok["usage"]["total_tokens"] == 4210 and ok["elapsed_s"] >= 0
     assert (failed["item"], failed["status"], failed["paths"]) == (2, "failed", [])
-    assert (failed["error"]["kind"], failed["error"]["exit_code"]) == ("dropped", 6)
+    assert (failed["error"]["kind"], failed["error"]["exit_code"]) == ("possibly_billed", 6)
     assert "item 2 failed (exit 6)" in run.err
 
 

@@ -137,7 +137,7 @@ def test_a_stream_dropped_after_a_preview_exits_6_and_keeps_it(online: CliRunner
     run = online("-p", "cat", "-f", "cat.png", "--stream", "--json")
     assert run.code == gi.EXIT_MAYBE_BILLED
     error = run.json()["error"]
-    assert error["kind"] == "dropped"
+    assert error["kind"] == "possibly_billed"
     assert error["message"].endswith("the stream ended before the final image; the last preview is kept at "
                                      "cat.partial.png")
     assert (isolated / "cat.partial.png").read_bytes() == PARTIALS[1]

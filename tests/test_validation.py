@@ -61,7 +61,7 @@ INVALID = [
                  id="resolution-wxh"),
     pytest.param(["-p", "cat", "-s", "16:9", "-r", "8K"], "'8K' is not one of 1K, 2K, 4K", id="resolution-8k"),
     pytest.param(["-p", "cat", "-q", "ultra"], "'ultra' is not one of auto, low, medium, high", id="quality"),
-    pytest.param(["-p", "cat", "-o", "gif"], "'gif' is not one of png, jpeg, webp, jpg", id="format"),
+    pytest.param(["-p", "cat", "-o", "gif"], "gpt-image-2 does not make gif images (it makes png, jpeg, webp)", id="format"),
     pytest.param(["-p", "cat", "-c", "50"], "--output-compression applies to jpeg or webp, but the output format "
                  "is png", id="compression-default-png"),
     pytest.param(["-p", "cat", "-f", "a.png", "-c", "50"], "output format is png", id="compression-png-file"),
