@@ -2381,8 +2381,10 @@ def should_retry(response: HttpResponse) -> bool:
     """Status first: parsing a 200's body here would copy and decode a 33 MB image answer."""
     if not is_retryable(response.status):
         return False
-    code = str(parse_error_body(response.body).get("code") or "")
-    return not is_account_problem(response.status, code)
+    error = parse_error_body(response.body)
+    code = str(error.get("code") or "")
+    # The reverse channels report a safety block as a 500: the same request is refused again.
+    return not is_account_problem(response.status, code) and not is_safety_refusal(code, str(error.get("message") or ""))
 
 
 def retry_delay(response: HttpResponse, attempt: int) -> float:
@@ -2527,7 +2529,7 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
     else:
         text = body_excerpt(str(error.get("message") or "")) or body_excerpt(response.body) or "(empty body)"
     message = f"HTTP {status}: {text}" + (f" ({', '.join(details)})" if details else "")
-    if status < 500 and is_safety_refusal(code, str(error.get("message") or response.body[:4096])):
+    if not 300 <= status < 400 and is_safety_refusal(code, str(error.get("message") or "")):
         return safety_refusal(message, str(error.get("message") or ""), status=status, code=code,
                               body=short_body(response.body))
     cls: type[ToolError] = ServiceError

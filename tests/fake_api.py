@@ -38,10 +38,31 @@ def make_png(width: int, height: int, *, alpha: bool = False, rgb: tuple[int, in
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
-def make_image(fmt: str, width: int, height: int, *, alpha: bool = False) -> bytes:
-    """A real image in png, jpeg or webp; jpeg and webp need Pillow (a test extra)."""
+def make_svg(width: int, height: int) -> bytes:
+    """A small real SVG document, as gpt-image-2.6 answers (its text, base64-encoded in b64_json)."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}"><rect width="100%" height="100%" fill="#e8a040"/>'
+            f'<text x="10" y="40">猫</text></svg>\n').encode()
+
+
+def make_gif(width: int, height: int, frames: int) -> bytes:
+    """A real animated GIF (Pillow, a test extra) of this many frames."""
+    from PIL import Image
+
+    sheet = [Image.new("RGB", (width, height), (index * 15 % 256, 90, 200)) for index in range(frames)]
+    buffer = io.BytesIO()
+    sheet[0].save(buffer, format="GIF", save_all=True, append_images=sheet[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def make_image(fmt: str, width: int, height: int, *, alpha: bool = False, frames: int = 9) -> bytes:
+    """A real image in png, jpeg, webp, gif or svg; jpeg, webp and gif need Pillow (a test extra)."""
     if fmt == "png":
         return make_png(width, height, alpha=alpha)
+    if fmt == "svg":
+        return make_svg(width, height)
+    if fmt == "gif":
+        return make_gif(width, height, frames)
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -117,6 +138,12 @@ def images_answer(images: list[bytes], *, usage: Optional[dict] = None, prefix: 
     return answer
 
 
+def api_error(message: str, *, type_: str = "invalid_request_error", param: object = None,
+              code: object = None) -> dict:
+    """An error body as the Images API sends it."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def sse_event(name: str, payload: Any, *, newline: str = "\n") -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"event: {name}{newline}data: {data}{newline}{newline}".encode()
@@ -152,12 +179,38 @@ def default_reply(request: Recorded) -> Reply:
     size = str(fields.get("size", "auto"))
     width, height = (int(x) for x in size.split("x")) if "x" in size else (1024, 1024)
     fmt = str(fields.get("output_format", "png"))
-    images = [make_image(fmt, width, height) for _ in range(int(fields.get("n", 1)))]
+    frames = int(fields.get("frame_count", 9))
+    images = [make_image(fmt, width, height, frames=frames) for _ in range(int(fields.get("n", 1)))]
     if str(fields.get("stream", "")).lower() == "true":
         kind = "image_edit" if "multipart" in (request.header("Content-Type") or "") else "image_generation"
         previews = [make_image(fmt, 64, 64)] * int(fields.get("partial_images", 0))
         return stream_reply([event for image in images for event in sse_images(previews, image, kind=kind)])
     return Reply(body=images_answer(images), headers={"x-request-id": "req_fake_123"})
+
+
+# What each line takes, as the real channels enforce it (references/models.md): a field the model does
+# not take is a 400, so a test proves the tool never sent one. The flat channels answer one image.
+COMMON_FIELDS = {"model", "prompt", "image", "image[]"}
+PROFILE_FIELDS = {"size": ("size",), "quality": ("quality",), "n": ("n",), "background": ("background",),
+                  "moderation": ("moderation",), "output_compression": ("output_compression",),
+                  "mask": ("mask",), "stream": ("stream", "partial_images"), "complexity": ("complexity",),
+                  "frames": ("frame_count", "frame_duration_ms"), "svg_model": ("svg",)}
+
+
+def channel_reply(profiles: dict[str, dict[str, Any]]) -> Callable[[Recorded], Optional[Reply]]:
+    """A route that refuses, like the real channel, any field the model's profile does not take."""
+    def route(request: Recorded) -> Optional[Reply]:
+        multipart = (request.header("Content-Type") or "").startswith("multipart/")
+        sent = set(request.fields()) | {p.name for p in request.files()} if multipart else set(request.json())
+        profile = profiles.get(str(request.fields()["model"] if multipart else request.json()["model"]))
+        if profile is None:
+            return None
+        allowed = COMMON_FIELDS | {"output_format"} | {f for name in profile["accepts"] for f in PROFILE_FIELDS[name]}
+        unknown = sorted(sent - allowed)
+        return Reply(status=400, body={"error": {"message": f"Unknown parameter: '{unknown[0]}'.",
+                                                 "type": "invalid_request_error", "param": unknown[0],
+                                                 "code": "unknown_parameter"}}) if unknown else None
+    return route
 
 
 class Server(ThreadingHTTPServer):

@@ -14,12 +14,7 @@ import pytest
 
 import generate_image as gi
 from conftest import TEST_KEY, CliRunner
-from fake_api import FakeImagesAPI, Recorded, Reply, make_png, sse_images, stream_reply
-
-
-def api_error(message: str, *, type_: str = "invalid_request_error", param: object = None,
-              code: object = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+from fake_api import FakeImagesAPI, Recorded, Reply, api_error, make_png, sse_images, stream_reply
 
 
 STATUSES = [

@@ -109,3 +109,31 @@ def test_streaming_matches_the_sdk_and_the_sdk_reads_the_fake_stream(online: Cli
         assert (ours.fields(), file_parts(ours)) == (sdk.fields(), file_parts(sdk))
     else:
         assert ours.json() == sdk.json()
+
+
+def sdk_knows(*names: str) -> bool:
+    import inspect
+
+    parameters = inspect.signature(openai.resources.images.Images.generate).parameters
+    return all(name in parameters for name in names)
+
+
+NEWER_LINE = [
+    pytest.param(["--complexity", "low", "-q", "xhigh", "-s", "1536x1024"],
+                 {"complexity": "low", "quality": "xhigh", "size": "1536x1024"}, id="complexity-xhigh"),
+    pytest.param(["-o", "gif", "--frames", "6", "--frame-ms", "120", "-s", "640x640"],
+                 {"output_format": "gif", "frame_count": 6, "frame_duration_ms": 120, "size": "640x640"}, id="gif"),
+    pytest.param(["-o", "svg", "--svg-model", "gpt-5.6-terra"],
+                 {"output_format": "svg", "svg": {"model": "gpt-5.6-terra"}}, id="svg"),
+]
+
+
+@pytest.mark.skipif(not sdk_knows("complexity", "frame_count", "frame_duration_ms", "svg"),
+                    reason="the installed openai package predates gpt-image-2.6 (complexity, GIF, SVG)")
+@pytest.mark.parametrize("args, sdk_kwargs", NEWER_LINE)
+def test_the_newer_lines_fields_match_the_sdk(online: CliRunner, api: FakeImagesAPI, args: list[str],
+                                              sdk_kwargs: dict) -> None:
+    sdk_client(api).images.generate(model="gpt-image-2.6-flare", prompt="a fox", **sdk_kwargs)
+    assert online("-p", "a fox", "--model", "gpt-image-2.6-flare", *args, "--quiet").code == 0
+    sdk, ours = api.requests
+    assert ours.json() == sdk.json()
