@@ -1294,6 +1294,9 @@ def check_profile(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> 
     if fmt not in profile.formats:
         raise UsageError(f"{profile.name} does not make {fmt} images (it makes {', '.join(profile.formats)})",
                          hint=models_that(lambda other: fmt in other.formats), field="output_format")
+    if profile.real_size_differs and args.size and not args.strict_size:
+        warnings.append(f"{profile.name} may return another size than asked (--strict-size makes that exit "
+                        f"{EXIT_MISMATCH})")
     if (args.n or 1) > profile.max_n:
         raise UsageError(f"-n {args.n}: {profile.name} makes at most {profile.max_n} per request"
                          + (" (a flat channel bills every n it is sent)" if profile.line == "flat" else ""),
