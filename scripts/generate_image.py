@@ -34,13 +34,14 @@ environment:
   APIYI_BASE_URL   the API base (or --base-url), default https://api.apiyi.com/v1
   APIYI_STATE_DIR  where job records live (default: the per-user state folder)
   APIYI_WORKER     process (default); inprocess runs the job inside the command
+  APIYI_IMAGE_MODEL  the default --model (else gpt-image-2); see --list-models
 
 exit codes:
   0    every requested image written
   1    a bug: report it with the traceback
   2    bad arguments or input; nothing was sent
   3    no API key, or the key was refused (401/403)
-  4    the API refused the request (400/404/413/415/422, content policy)
+  4    the API refused the request (400/404/413/415/422), or the safety system did
   5    service unavailable or unusable answer, after retries: retry later
   6    timed out or dropped after sending: may have been billed, not retried
   7    image received but saved only to the fallback path printed
@@ -95,6 +96,7 @@ DEFAULT_RETRIES = 2
 ENV_API_KEY = "APIYI_API_KEY"
 ENV_BASE_URL = "APIYI_BASE_URL"
 ENV_MODEL = "APIYI_IMAGE_MODEL"
+MODEL_NAME = re.compile(r"[\w.:/@+-]{1,100}", re.ASCII)
 # What stands for the key wherever the tool shows or writes text that held it (a server may echo it).
 KEY_MASK = "***"
 # APIYI keys are sk- and 48 characters; anything shorter than this is a typo, and a key that short could
@@ -106,7 +108,8 @@ EDITS_PATH = "/images/edits"
 QUALITIES = ("auto", "low", "medium", "high", "xhigh", "max")
 COMPLEXITIES = ("low", "medium", "high")
 OUTPUT_FORMATS = ("png", "jpeg", "webp", "gif", "svg")
-INPUT_FORMATS = ("png", "jpeg", "webp")         # what the edits endpoint takes as an image or a mask
+CLASSIC_FORMATS = ("png", "jpeg", "webp")       # what gpt-image-2 and 2.5 make
+INPUT_FORMATS = CLASSIC_FORMATS                 # what the edits endpoint takes as an image or a mask
 FORMAT_ALIASES = {"jpg": "jpeg"}
 BACKGROUNDS = ("auto", "opaque", "transparent")
 MODERATIONS = ("auto", "low")
@@ -132,7 +135,6 @@ SIZE_RULES: dict[str, dict[str, Any]] = {
     "free": {"multiple": SIZE_MULTIPLE, "edges": (SIZE_MULTIPLE, MAX_EDGE), "pixels": (MIN_PIXELS, MAX_PIXELS)},
     "universal": {"multiple": SIZE_MULTIPLE, "edges": (SIZE_MULTIPLE, 4992), "pixels": (MIN_PIXELS, MAX_PIXELS)},
     "long-edge-1536": {"multiple": 1, "edges": (1, 1536), "long_edge_from": 512, "pixels": (1, MAX_PIXELS)},
-    "long-edge-3840": {"multiple": 1, "edges": (1, MAX_EDGE), "long_edge_from": 512, "pixels": (1, MAX_PIXELS)},
 }
 # gpt-image-2-vip takes only these sizes, ten ratios at three tiers (-r picks the tier; 2K by default).
 VIP_SIZES = {
@@ -143,6 +145,12 @@ VIP_SIZES = {
     "4K": ("2880x2880", "2336x3520", "3520x2336", "2480x3312", "3312x2480", "2560x3216", "3216x2560", "2160x3840",
            "3840x2160", "3840x1632"),
 }
+# Channels that take fixed sizes as tiers, chosen by -r (a ratio or -s match takes the nearest ratio).
+# gpt-image-2.6-all takes free sizes up to a long edge of 1536 and upscales to these 2K and 4K sizes.
+SIZE_TIERS = {"vip": VIP_SIZES,
+              "2.6-all": {"2K": ("2048x2048", "2048x1152", "1152x2048", "2048x1536", "1536x2048"),
+                          "4K": ("3840x2160", "2160x3840", "2880x2880")}}
+DEFAULT_TIER = "2K"
 # GIF (gpt-image-2.6): the frames share one sheet within the pixel budget, four frames wide at most
 # (6 frames of 1024 were refused: a 4096 sheet). Measured square caps by frame count: 960, 816, 720.
 GIF_FRAMES = (2, 16)
@@ -150,32 +158,59 @@ GIF_FRAME_MS = (20, 2000, 10)       # from, to, step
 GIF_SHEET_COLUMNS = 4
 GIF_FRAME_CAPS = ((9, 960), (12, 816), (16, 720))   # up to this many frames: the largest square frame
 
+# An SVG starts with its XML declaration, a comment, a doctype or the root element (after a byte order
+# mark or white space); a document this long has its root's start tag in it.
+SVG_START = re.compile(rb"(\xef\xbb\xbf)?\s*<(\?xml|!--|!DOCTYPE\s+svg|(?:[A-Za-z_][\w.-]*:)?svg[\s>/])", re.I)
+SVG_HEAD_BYTES = 64 * 1024
+SVG_PROLOG = {"<?": "?>", "<!--": "-->", "<!DOCTYPE": ">"}     # what may come before the root element
+SVG_ROOT = re.compile(r"<(?:[A-Za-z_][\w.-]*:)?svg(\s[^>]*)?/?>")
+SPACES = re.compile(r"\s*")
+# Start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
+JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+# Output formats with rules of their own (gpt-image-2.6): the settings they cannot be combined with.
+FORMAT_EXCLUDES = {"gif": ("stream", "mask", "output_compression"),
+                   "svg": ("stream", "output_compression", "input_images")}
+
+
+FREE = SIZE_RULES["free"]
+# A request field and the profile setting that stands for it, where the names differ.
+FIELD_SETTINGS = {"frame_count": "frames", "frame_duration_ms": "frames", "svg": "svg_model",
+                  "partial_images": "stream"}
+
 # The models and channels APIYI serves on these endpoints, one row each (sources: references/models.md).
 # A row drives validation, the request and the estimates: the settings it takes ("accepts"), those its
 # channel ignores (not sent, one warning), its qualities and output formats, its size rule, the most
 # images per request (flat channels bill every n but may make one), how it bills, and the usual
 # seconds for one image. A model not in the table is sent as given under UNKNOWN_MODEL.
+# USD per million tokens on the official line (gpt-image-2, 2.5, 2.6), as OpenAI and APIYI publish them,
+# checked 2026-11 (references/models.md). A token group billed at another rate sets APIYI_PRICE_MULTIPLIER.
+TOKEN_PRICES = {"text_input": 5.0, "cached_text_input": 1.25, "image_input": 8.0, "cached_image_input": 2.0,
+                "image_output": 30.0}
 OFFICIAL_SETTINGS = ("size", "quality", "n", "background", "moderation", "output_compression", "mask", "stream")
 BASE_QUALITIES = QUALITIES[:4]
 MODEL_PROFILES: dict[str, dict[str, Any]] = {
     "gpt-image-2": {"line": "official", "billing": "tokens", "seconds": (120, 150), "qualities": BASE_QUALITIES,
-                    "formats": INPUT_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+                    "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                     "note": "the default: best text rendering; up to 5 min at high quality and 4K"},
     "gpt-image-2.5-flare": {"line": "official", "billing": "tokens", "seconds": (40, 75), "qualities": QUALITIES,
-                            "formats": INPUT_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+                            "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                             "note": "faster 2.5; quality up to xhigh and max; native transparency"},
     "gpt-image-2.5-sunburst": {"line": "official", "billing": "tokens", "seconds": (60, 120), "qualities": QUALITIES,
-                               "formats": INPUT_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+                               "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                                "note": "detailed 2.5; quality up to xhigh and max; native transparency"},
     "gpt-image-2.6-flare": {"line": "official", "billing": "tokens", "seconds": (8, 15), "qualities": QUALITIES,
-                            "formats": OUTPUT_FORMATS, "sizes": "free",
+                            "formats": OUTPUT_FORMATS, "sizes": "free", "gif_rules": True, "needs_svg_model": True,
                             "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
                             "note": "fastest; complexity, GIF and SVG (SVG needs --svg-model)"},
     "gpt-image-2.6-sunburst": {"line": "official", "billing": "tokens", "seconds": (20, 60), "qualities": QUALITIES,
-                               "formats": OUTPUT_FORMATS, "sizes": "free",
+                               "formats": OUTPUT_FORMATS, "sizes": "free", "gif_rules": True,
+                               "needs_svg_model": True,
                                "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
                                "note": "detailed 2.6 and edits; complexity, GIF and SVG (SVG needs --svg-model)"},
-    "gpt-image-2-all": {"line": "flat", "billing": "$0.03 per image", "seconds": (30, 90), "qualities": (),
+    "gpt-image-2-all": {"line": "flat", "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (30, 90),
+                        "qualities": (),
                         "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
                         "sizes": "long-edge-1536", "real_size_differs": True,
                         "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
@@ -183,13 +218,16 @@ MODEL_PROFILES: dict[str, dict[str, Any]] = {
                           "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
                           "sizes": "long-edge-1536", "real_size_differs": True,
                           "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
-    "gpt-image-2-vip": {"line": "flat", "billing": "$0.03 per image", "seconds": (90, 150), "qualities": (),
+    "gpt-image-2-vip": {"line": "flat", "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (90, 150),
+                        "qualities": (),
                         "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
-                        "sizes": "vip", "note": "flat price at any of its 30 sizes up to 4K; no mask, no quality"},
-    "gpt-image-2.6-all": {"line": "flat", "billing": "$0.025 per image", "seconds": (10, 46), "qualities": (),
-                          "formats": ("png", "jpeg", "gif", "svg"), "max_n": 4, "sizes": "long-edge-3840",
-                          "accepts": ("size", "n", "background", "mask", "frames"),
-                          "ignores": ("quality", "complexity", "moderation", "svg_model"),
+                        "sizes": "", "tiers": "vip", "real_size_differs": True,
+                        "note": "flat price at any of its 30 sizes up to 4K; no mask, no quality"},
+    "gpt-image-2.6-all": {"line": "flat", "price_per_image": 0.025, "billing": "$0.025 per image", "seconds": (10, 46),
+                          "qualities": BASE_QUALITIES,
+                          "formats": ("png", "jpeg", "gif", "svg"), "max_n": 4, "sizes": "long-edge-1536",
+                          "tiers": "2.6-all", "accepts": ("size", "quality", "n", "background", "mask", "frames"),
+                          "ignores": ("complexity", "moderation", "svg_model"),
                           "real_size_differs": True,
                           "note": "flat price up to 4K; GIF and SVG (rough); the real size may differ"},
 }
@@ -486,11 +524,15 @@ class ModelProfile:
     qualities: tuple[str, ...]
     formats: tuple[str, ...]
     accepts: tuple[str, ...]
-    sizes: str
+    sizes: str                  # the SIZE_RULES for free sizes ("": fixed sizes only)
     note: str
     ignores: tuple[str, ...] = ()
     max_n: int = MAX_N
     real_size_differs: bool = False
+    tiers: str = ""             # the SIZE_TIERS it takes besides (or instead of) free sizes
+    gif_rules: bool = False     # the official GIF frame limits apply
+    needs_svg_model: bool = False
+    price_per_image: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -687,6 +729,27 @@ def choice_of(choices: Sequence[str], *, transform: Callable[[str], str] = str.l
     return convert
 
 
+def model_name(text: str) -> str:
+    """A model or channel name as APIYI spells them; anything else is a typo, not a name to send."""
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError(f"the model name is empty (e.g. {DEFAULT_MODEL})")
+    if not MODEL_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"{short_name(clean_text(name))!r} is not a model name "
+                                         "(letters, digits and . _ - : / @ + only)")
+    return name
+
+
+def default_model(env: Mapping[str, str]) -> str:
+    """APIYI_IMAGE_MODEL when set (an empty value counts as unset), else gpt-image-2."""
+    text = env.get(ENV_MODEL, "")
+    try:
+        return model_name(text) if text.strip() else DEFAULT_MODEL
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"{ENV_MODEL}: {err}", hint=f"set it to a name from {PROG} --list-models, or unset it",
+                         field="model") from None
+
+
 def setting_converters() -> dict[str, Callable[[str], Any]]:
     """One converter per setting: argparse's type= for a flag, and the check of a batch field."""
     return {"resolution": choice_of(tuple(RESOLUTION_LONG_EDGES), transform=str.upper),
@@ -695,7 +758,7 @@ def setting_converters() -> dict[str, Callable[[str], Any]]:
             "output_format": choice_of(OUTPUT_FORMATS + tuple(FORMAT_ALIASES)),
             "output_compression": int_in_range(0, 100), "filename": name_inside_the_batch,
             "complexity": choice_of(COMPLEXITIES), "frame_count": int_in_range(*GIF_FRAMES),
-            "frame_duration_ms": int_in_range(*GIF_FRAME_MS)}
+            "frame_duration_ms": int_in_range(*GIF_FRAME_MS), "model": model_name}
 
 
 def name_inside_the_batch(text: str) -> str:
@@ -730,9 +793,6 @@ def parse_size_text(text: str) -> tuple[str, int, int]:
                          hint=hint)
     kind = "wxh" if match.group(2) == "x" else "ratio"
     return kind, int(match.group(1)), int(match.group(3))
-
-
-FREE = SIZE_RULES["free"]
 
 
 def size_rule_violations(width: int, height: int, rule: Mapping[str, Any] = FREE) -> list[str]:
@@ -819,13 +879,37 @@ def resolve_size(text: Optional[str], resolution: Optional[str], profile: ModelP
     if kind == "wxh" and resolution:
         raise UsageError(f"--resolution applies to a ratio like 16:9, not to {a}x{b}",
                          hint=f"drop -r, or use -s {a}:{b} -r {resolution}", field="resolution")
-    if kind == "ratio" and (a == 0 or b == 0):
+    if 0 in (a, b):
+        if kind == "wxh":
+            raise UsageError(f"--size {a}x{b}: width and height must be above 0; e.g. 1024x1024")
         raise UsageError(f"--size {a}:{b}: both sides of a ratio must be above 0", hint="e.g. -s 16:9")
-    if fmt == "gif":
+    if kind == "ratio" and max(a, b) / min(a, b) > MAX_ASPECT:
+        widest = "3:1" if a > b else "1:3"
+        raise UsageError(f"--size {a}:{b}: the aspect ratio must be at most 3:1; nearest valid ratio is {widest}")
+    if fmt == "gif" and profile.gif_rules:
         return gif_size(kind, a, b, frames, resolution)
-    if profile.sizes == "vip":
-        return vip_size(kind, a, b, resolution)
-    return rule_size(kind, a, b, resolution, SIZE_RULES[profile.sizes])
+    return profile_size(kind, a, b, resolution, profile)
+
+
+def profile_size(kind: str, a: int, b: int, resolution: Optional[str], profile: ModelProfile) -> tuple[str, str]:
+    """A model's own sizes: a fixed tier size as it is, a free size by its rule; a ratio (or match)
+    takes the nearest ratio in the tier -r names, or the rule's nearest valid size."""
+    tiers, rule = SIZE_TIERS.get(profile.tiers, {}), SIZE_RULES.get(profile.sizes)
+    if kind == "wxh" and any(f"{a}x{b}" in sizes for sizes in tiers.values()):
+        return f"{a}x{b}", ""
+    if rule and not (kind != "wxh" and resolution in tiers):
+        return rule_size(kind, a, b, resolution, rule, model=profile.name)
+    if kind == "wxh":
+        every = [size for sizes in tiers.values() for size in sizes]
+        raise UsageError(f"--size {a}x{b}: {profile.name} takes only its fixed sizes; nearest is "
+                         f"{nearest_by_ratio(a, b, every, area=a * b)}",
+                         hint=f"see {PROG} --list-models, or give a ratio such as -s 16:9 -r 2K")
+    tier = resolution or DEFAULT_TIER
+    if tier not in tiers:
+        raise UsageError(f"-r {tier}: {profile.name} has no {tier} sizes (it has {', '.join(tiers)})",
+                         field="resolution")
+    size = nearest_by_ratio(a, b, tiers[tier])
+    return size, f"size {'match' if kind == 'match' else f'{a}:{b}'} at {tier} -> {size} ({profile.name})"
 
 
 def size_request(text: str, first_input: Optional[InputFile]) -> tuple[str, int, int]:
@@ -838,38 +922,25 @@ def size_request(text: str, first_input: Optional[InputFile]) -> tuple[str, int,
     return "match", first_input.info.width, first_input.info.height
 
 
-def rule_size(kind: str, a: int, b: int, resolution: Optional[str], rule: Mapping[str, Any]) -> tuple[str, str]:
+def rule_size(kind: str, a: int, b: int, resolution: Optional[str], rule: Mapping[str, Any], *,
+              model: str = DEFAULT_MODEL) -> tuple[str, str]:
+    longest = rule["edges"][1]
+    if resolution and RESOLUTION_LONG_EDGES[resolution] > longest:
+        raise UsageError(f"-r {resolution}: {model} takes a long edge of at most {longest}", field="resolution",
+                         hint="use -r 1K, or a model that makes larger images (see --list-models)")
     if kind == "wxh":
         problems = size_rule_violations(a, b, rule)
         if problems:
-            nearest = "e.g. 1024x1024" if 0 in (a, b) else "nearest valid size is %dx%d" % nearest_valid_size(a, b, rule)
+            nearest = "nearest valid size is %dx%d" % nearest_valid_size(a, b, rule)
             raise UsageError(f"--size {a}x{b}: {'; '.join(problems)}; {nearest}")
         return f"{a}x{b}", ""
     if kind == "match":
         scale = RESOLUTION_LONG_EDGES[resolution] / max(a, b) if resolution else 1.0
         width, height = nearest_valid_size(a * scale, b * scale, rule)
         return f"{width}x{height}", f"size match (first input image {a}x{b}) -> {width}x{height}"
-    if max(a, b) / min(a, b) > MAX_ASPECT:
-        widest = "3:1" if a > b else "1:3"
-        raise UsageError(f"--size {a}:{b}: the aspect ratio must be at most 3:1; nearest valid ratio is {widest}")
     resolution = resolution or "1K"
     width, height = size_for_ratio(a, b, resolution, rule)
     return f"{width}x{height}", f"size {a}:{b} at {resolution} -> {width}x{height}"
-
-
-def vip_size(kind: str, a: int, b: int, resolution: Optional[str]) -> tuple[str, str]:
-    """gpt-image-2-vip: one of its fixed sizes; a ratio (or match) takes the one nearest in ratio at the
-    tier -r names (2K by default)."""
-    every = [size for sizes in VIP_SIZES.values() for size in sizes]
-    if kind == "wxh":
-        if f"{a}x{b}" not in every:
-            raise UsageError(f"--size {a}x{b}: gpt-image-2-vip takes only its fixed sizes; nearest is "
-                             f"{nearest_by_ratio(a, b, every, area=a * b)}",
-                             hint=f"see {PROG} --list-models, or give a ratio such as -s 16:9 -r 2K")
-        return f"{a}x{b}", ""
-    tier = resolution or "2K"
-    size = nearest_by_ratio(a, b, VIP_SIZES[tier])
-    return size, f"size {'match' if kind == 'match' else f'{a}:{b}'} at {tier} -> {size} (gpt-image-2-vip)"
 
 
 def nearest_by_ratio(width: int, height: int, sizes: Sequence[str], *, area: int = 0) -> str:
@@ -1022,8 +1093,7 @@ def svg_info(head: bytes) -> Optional[ImageInfo]:
     """An XML document whose root element is svg; its size from width and height, else the viewBox,
     else 0. Read as text with patterns only: the tool never parses, interprets or renders SVG."""
     text = head.decode("utf-8", "replace").lstrip("\ufeff")
-    text = re.sub(r"<\?.*?\?>|<!--.*?-->|<!DOCTYPE[^>[]*(\[.*?\])?\s*>", "", text, flags=re.S)
-    root = re.match(r"\s*<(?:[A-Za-z_][\w.-]*:)?svg(\s[^>]*)?/?>", text)
+    root = SVG_ROOT.match(text, svg_prolog_end(text))
     if not root:
         return None
     attributes = dict(re.findall(r'([\w:.-]+)\s*=\s*["\']([^"\']*)["\']', root.group(1) or ""))
@@ -1034,9 +1104,27 @@ def svg_info(head: bytes) -> Optional[ImageInfo]:
     return ImageInfo("svg", width, height)
 
 
+def svg_prolog_end(text: str) -> int:
+    """Where the root element may start: after the XML declaration, comments and a doctype (found
+    with str.find, in linear time, whatever a hostile server sends)."""
+    position = 0
+    while True:
+        position = SPACES.match(text, position).end()
+        opening = next((o for o in SVG_PROLOG if text.startswith(o, position)), None)
+        if opening is None:
+            return position
+        closing = SVG_PROLOG[opening]
+        if opening == "<!DOCTYPE" and "[" in text[position:text.find(">", position)]:
+            closing = "]>"      # an internal subset holds ">" of its own
+        end = text.find(closing, position)
+        if end < 0:
+            return len(text)
+        position = end + len(closing)
+
+
 def svg_length(text: str) -> int:
     """A length in pixels (1024, 1024px, 1024.0); anything relative (100%, 10em) counts as not stated."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*(px)?\s*", text)
+    match = re.fullmatch(r"\s*([0-9]{1,6}(?:\.[0-9]{0,6})?)\s*(px)?\s*", text)     # a sane length, else not stated
     return round(float(match.group(1))) if match else 0
 
 
@@ -1054,14 +1142,6 @@ def webp_info(head: bytes) -> Optional[ImageInfo]:
     else:
         return None
     return ImageInfo("webp", width, height)
-
-
-# An SVG starts with its XML declaration, a comment, a doctype or the root element (after a byte order
-# mark or white space); a document this long has its root's start tag in it.
-SVG_START = re.compile(rb"(\xef\xbb\xbf)?\s*<(\?xml|!--|!DOCTYPE\s+svg|(?:[A-Za-z_][\w.-]*:)?svg[\s>/])", re.I)
-SVG_HEAD_BYTES = 64 * 1024
-# Start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
-JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def jpeg_info(handle: IO[bytes]) -> Optional[ImageInfo]:
@@ -1294,6 +1374,8 @@ def check_profile(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> 
     if fmt not in profile.formats:
         raise UsageError(f"{profile.name} does not make {fmt} images (it makes {', '.join(profile.formats)})",
                          hint=models_that(lambda other: fmt in other.formats), field="output_format")
+    if fmt == "gif" and args.size and profile.known and not profile.gif_rules:
+        warnings.append(f"{profile.name} picks a GIF's size itself: the size asked may not be the one made")
     if profile.real_size_differs and args.size and not args.strict_size:
         warnings.append(f"{profile.name} may return another size than asked (--strict-size makes that exit "
                         f"{EXIT_MISMATCH})")
@@ -1302,11 +1384,6 @@ def check_profile(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> 
                          + (" (a flat channel bills every n it is sent)" if profile.line == "flat" else ""),
                          hint="ask for fewer, or run a batch", field="n")
     return frozenset(left_out), warnings
-
-
-# Output formats with rules of their own (gpt-image-2.6): the settings they cannot be combined with.
-FORMAT_EXCLUDES = {"gif": ("stream", "mask", "output_compression"),
-                   "svg": ("stream", "output_compression", "input_images")}
 
 
 def check_format_rules(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> None:
@@ -1323,7 +1400,7 @@ def check_format_rules(args: argparse.Namespace, profile: ModelProfile, fmt: str
                              hint=f"drop {flag}, or choose another -o")
     if fmt == "svg" and (args.n or 1) > 1:
         raise UsageError("SVG output makes one image per request", hint="drop -n, or run a batch", field="n")
-    if fmt == "svg" and "svg_model" in profile.accepts and not args.svg_model:
+    if fmt == "svg" and profile.needs_svg_model and not args.svg_model:
         raise UsageError(f"-o svg with {profile.name} needs --svg-model NAME, the model that writes the SVG",
                          hint="for example --svg-model gpt-5.6-terra (its tokens are billed too)", field="svg_model")
 
@@ -1342,8 +1419,7 @@ def collect_fields(args: argparse.Namespace, *, prompt: str, size: Optional[str]
     if streaming(args):
         partials = DEFAULT_PARTIAL_IMAGES if args.partial_images is None else args.partial_images
         optional.update({"stream": True, "partial_images": partials})
-    owner = {"frame_count": "frames", "frame_duration_ms": "frames", "svg": "svg_model", "partial_images": "stream"}
-    fields.update({k: v for k, v in optional.items() if v is not None and owner.get(k, k) not in left_out})
+    fields.update({k: v for k, v in optional.items() if v is not None and FIELD_SETTINGS.get(k, k) not in left_out})
     return fields
 
 
@@ -1374,17 +1450,28 @@ def check_combinations(args: argparse.Namespace, fmt: str) -> list[str]:
     return []
 
 
+def check_text_settings(args: argparse.Namespace) -> None:
+    for field, flag in TEXT_SETTINGS:
+        value = getattr(args, BATCH_ITEM_FIELDS[field])
+        for text in [value] if isinstance(value, str) else value or ():
+            with about(field):
+                check_text(text, flag)
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[tuple[InputFile, ...], Optional[InputFile]]:
+    with about("input_images"):
+        images = tuple(check_input_file(p, role="input image", limit=MAX_INPUT_BYTES) for p in args.input_image or ())
+    with about("mask"):
+        return images, check_mask(args.mask, images[0]) if args.mask else None
+
+
 def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_folder: bool,
               default_stem: Optional[Path] = None) -> ImageJob:
     """Every check that needs no network, in the order a user would fix them; each error says
     which setting it is about."""
     with about("prompt"):
         prompt = read_prompt(args.prompt, stdin)
-    for field, flag in TEXT_SETTINGS:
-        value = getattr(args, BATCH_ITEM_FIELDS[field])
-        for text in [value] if isinstance(value, str) else value or ():
-            with about(field):
-                check_text(text, flag)
+    check_text_settings(args)
     with about("filename"):
         path, fmt, format_given, warnings = plan_output_path(args.filename, normalise_format(args.output_format),
                                                              prompt, default_stem=default_stem)
@@ -1392,10 +1479,7 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
     left_out, profile_warnings = check_profile(args, profile, fmt)
     check_format_rules(args, profile, fmt)
     warnings += profile_warnings + check_combinations(args, fmt)
-    with about("input_images"):
-        images = tuple(check_input_file(p, role="input image", limit=MAX_INPUT_BYTES) for p in args.input_image or ())
-    with about("mask"):
-        mask = check_mask(args.mask, images[0]) if args.mask else None
+    images, mask = check_inputs(args)
     with about("size"):
         size, size_note = resolve_size(None if "size" in left_out else args.size, args.resolution, profile, fmt=fmt,
                                        frames=args.frames or 9, first_input=images[0] if images else None)
@@ -2178,8 +2262,8 @@ def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, 
     event ends, and an error event raises. The final image stays in the spool for the save. Neither
     the stream nor one line of it may pass what an image can need."""
     parser, read_piece = EventSpanParser(), getattr(response, "read1", response.read)
-    completed, ended = 0, False
-    while not ended:
+    kinds: list[str] = []
+    while "done" not in kinds:
         check_deadline(deadline)
         piece = read_piece(SPOOL_PIECE)
         spool.seek(0, os.SEEK_END)
@@ -2189,20 +2273,27 @@ def copy_event_stream(response: Any, spool: IO[bytes], on_preview: PreviewSink, 
         if offset + len(piece) - parser.line_start > MAX_IMAGE_BASE64 + ANSWER_JSON_ROOM:
             raise too_large("one event of the stream", MAX_IMAGE_BASE64 + ANSWER_JSON_ROOM)
         spool.write(piece)
-        ended = not piece
-        if ended:
+        kinds += [pass_on_event(spool, name, spans, on_preview)
+                  for name, spans in (parser.feed(piece, offset) if piece else parser.finish())]
+        if not piece:
             check_deadline(deadline)    # an end that is the watchdog's, not the server's
-        for name, spans in parser.feed(piece, offset) if piece else parser.finish():
-            kind, event, value = spooled_event(spool, name, spans)
-            ended = ended or kind == "done"
-            if kind == "partial" and value is not None:
-                on_preview(functools.partial(decode_spooled_image, spool, value), event)
-            elif kind == "completed":
-                on_preview(None, event)
-            completed += kind == "completed"
+            break
     spool.flush()
+    completed = "completed" in kinds
+    if not completed and "done" in kinds:
+        raise silent_refusal()
     if not completed:
         raise ConnectionResetError("the stream ended before the final image")
+
+
+def pass_on_event(spool: IO[bytes], name: str, spans: Sequence[tuple[int, int]], on_preview: PreviewSink) -> str:
+    """A preview is written as its event ends; a completed image is announced. Returns the event's kind."""
+    kind, event, value = spooled_event(spool, name, spans)
+    if kind == "partial" and value is not None:
+        on_preview(functools.partial(decode_spooled_image, spool, value), event)
+    elif kind == "completed":
+        on_preview(None, event)
+    return kind
 
 
 def spooled_event(spool: IO[bytes], name: str, spans: Sequence[tuple[int, int]]
@@ -2387,7 +2478,7 @@ def should_retry(response: HttpResponse) -> bool:
     error = parse_error_body(response.body)
     code = str(error.get("code") or "")
     # The reverse channels report a safety block as a 500: the same request is refused again.
-    return not is_account_problem(response.status, code) and not is_safety_refusal(code, str(error.get("message") or ""))
+    return not (is_account_problem(response.status, code) or is_safety_refusal(code, str(error.get("message") or "")))
 
 
 def retry_delay(response: HttpResponse, attempt: int) -> float:
@@ -2763,11 +2854,18 @@ def read_spooled_answer(spool: Path, *, streamed: bool) -> tuple[dict[str, Any],
             if is_safety_refusal(str(error.get("code") or "") if isinstance(error, dict) else "", message):
                 raise safety_refusal(text, message)
             raise ServiceError(text, hint=PAID_ANSWER_HINT)
-        raise ServiceError("the answer holds no image: the service declined without saying why (a silent "
-                           "refusal)", kind="silent_refusal",
-                           hint="it was probably billed; rephrase the prompt rather than retry it as it is")
+        raise silent_refusal()
+    if not any(isinstance(item, dict) and (item.get("b64_json") == "" or item.get("url")) for item in items):
+        raise silent_refusal()
     found = iter(spans)
     return meta, tuple(spooled_source(item, found) for item in items)
+
+
+def silent_refusal() -> ServiceError:
+    """A 200 answer (or a stream that ended cleanly) without any image: declined, and probably billed."""
+    return ServiceError("the answer holds no image: the service declined without saying why (a silent refusal)",
+                        kind="silent_refusal",
+                        hint="it was probably billed; rephrase the prompt rather than retry it as it is")
 
 
 def spooled_source(item: Any, spans: Iterator[tuple[int, int]]) -> ImageSource:
@@ -3200,9 +3298,7 @@ def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
                 problem = err
                 continue
             if image.info.format == "bin":
-                problem = problem or ServiceError(
-                    f"an image in the answer is not a PNG, JPEG, WebP, GIF or SVG: its {image.size_bytes:,} bytes "
-                    f"are kept in {image.path}", kind="service", hint=PAID_ANSWER_HINT)
+                problem = problem or kept_bytes_error(image)
                 continue
             intended = path_for_format(target, image.info.format)
             if image.info.format != job.output.format:
@@ -3224,7 +3320,7 @@ def requested_and_real(job: ImageJob, image: SavedImage) -> dict[str, Any]:
     pairs = {"size": (job.fields["size"] if job.size_explicit else None,
                       f"{info.width}x{info.height}" if info.width else None),
              "format": (job.output.format, info.format)}
-    if job.output.format == "gif" or info.format == "gif":
+    if job.output.format == "gif":
         pairs["frames"] = (job.fields.get("frame_count", 9), info.frames if info.format == "gif" else None)
     return {f"{name}_{side}": value for name, pair in pairs.items() for side, value in zip(("requested", "real"), pair)}
 
@@ -3234,6 +3330,11 @@ def mismatches(job: ImageJob, image: SavedImage) -> list[str]:
     return [f"asked for {name} {both[f'{name}_requested']} but {image.path.name} has {both[f'{name}_real']}"
             for name in ("size", "format", "frames") if f"{name}_real" in both and both[f"{name}_requested"]
             and both[f"{name}_real"] and both[f"{name}_requested"] != both[f"{name}_real"]]
+
+
+def kept_bytes_error(image: SavedImage) -> ServiceError:
+    return ServiceError(f"an image in the answer is not a PNG, JPEG, WebP, GIF or SVG: its {image.size_bytes:,} bytes "
+                        f"are kept in {image.path}", hint=PAID_ANSWER_HINT)
 
 
 def size_warnings(job: ImageJob, saved: Sequence[SavedImage]) -> list[str]:
@@ -3346,7 +3447,7 @@ def request_fingerprint(job: ImageJob, base_url: str) -> str:
     asked = {"url": base_url + job.endpoint, "fields": job.fields,
              "inputs": [file_digest(f.path) for f in job.images],
              "mask": file_digest(job.mask.path) if job.mask else None, "target": target,
-             "output": [output.format, output.overwrite, output.metadata, output.keep_partials]}
+             "output": [output.format, output.overwrite, output.metadata, output.keep_partials, output.strict]}
     return text_digest(json.dumps(asked, sort_keys=True, ensure_ascii=False))
 
 
@@ -4640,7 +4741,7 @@ def run_list_models(console: Console) -> int:
     profiles = [profile_for(name) for name in MODEL_PROFILES]
     if console.json_mode:
         console.document({"ok": True, "default": DEFAULT_MODEL, "models": [
-            {**dataclasses.asdict(p), "vip_sizes": VIP_SIZES if p.sizes == "vip" else None} for p in profiles]})
+            {**dataclasses.asdict(p), "size_tiers": SIZE_TIERS.get(p.tiers)} for p in profiles]})
         return EXIT_OK
     for p in profiles:
         qualities = ",".join(p.qualities) or "-"
@@ -4920,7 +5021,8 @@ def run_batch(plan: BatchPlan, config: ApiConfig, console: Console, env: Mapping
               args: argparse.Namespace) -> int:
     runnable = len(plan.to_run)
     console.progress(f"batch {plan.source}: {len(plan.items)} items, {len(plan.items) - runnable} already done, "
-                     f"{runnable} to generate at -j {plan.jobs}: {batch_estimate(runnable, plan.jobs, typical_seconds(plan))}"
+                     f"{runnable} to generate at -j {plan.jobs}: "
+                     f"{batch_estimate(runnable, plan.jobs, typical_seconds(plan))}"
                      if runnable else f"batch {plan.source}: all {len(plan.items)} items are already done")
     plan.manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest = os.path.abspath(plan.manifest)
@@ -4947,7 +5049,7 @@ def run_single(job: ImageJob, config: ApiConfig, console: Console, env: Mapping[
 
 def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
     check_mode_flags(args)
-    args.model = args.model or env.get(ENV_MODEL, "").strip() or DEFAULT_MODEL
+    args.model = args.model or default_model(env)
     if args.list_models:
         return run_list_models(console)
     if args.list_jobs:
@@ -4999,14 +5101,16 @@ class CliParser(argparse.ArgumentParser):
 
 
 def build_parser() -> CliParser:
-    parser = CliParser(prog=PROG, description=(__doc__ or "").replace(SCRIPT_NAME, PROG), formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = CliParser(prog=PROG, description=(__doc__ or "").replace(SCRIPT_NAME, PROG),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False)
     convert = setting_converters()
     what = parser.add_argument_group("what to make")
     what.add_argument("-p", "--prompt", metavar="TEXT", action=StoreOnce,
                       help="the prompt, sent exactly as given; - reads it from stdin (UTF-8); at most 32000 characters")
     what.add_argument("-s", "--size", metavar="SIZE",
-                      help=f"auto (the server's default), match (the first input image's shape), a preset ({', '.join(SIZE_PRESETS)}), any WxH (edges "
+                      help=f"auto (the server's default), match (the first input image's shape), a preset "
+                           f"({', '.join(SIZE_PRESETS)}), any WxH (edges "
                            "multiples of 16, at most 3840, ratio at most 3:1, 655,360-8,294,400 pixels) or a ratio "
                            "W:H such as 16:9 with -r")
     what.add_argument("-r", "--resolution", type=convert["resolution"],
@@ -5022,7 +5126,7 @@ def build_parser() -> CliParser:
                       help="transparent needs png or webp (in preview for gpt-image-2)")
     what.add_argument("--moderation", type=convert["moderation"], metavar="{" + ",".join(MODERATIONS) + "}",
                       help="content filter strictness; text-to-image only")
-    what.add_argument("--model", metavar="NAME",
+    what.add_argument("--model", type=convert["model"], metavar="NAME",
                       help=f"model or channel (default: ${ENV_MODEL}, else {DEFAULT_MODEL}); see --list-models")
     what.add_argument("--list-models", action="store_true",
                       help="the models and channels the tool knows: what each takes, bills and usually takes")
@@ -5042,7 +5146,8 @@ def build_parser() -> CliParser:
     output.add_argument("--frames", type=convert["frame_count"], metavar="N",
                         help="GIF: frames, %d-%d (the API's default: 9)" % GIF_FRAMES)
     output.add_argument("--frame-ms", type=convert["frame_duration_ms"], metavar="MS",
-                        help="GIF: milliseconds per frame, %d-%d in steps of %d (the API's default: 200)" % GIF_FRAME_MS)
+                        help="GIF: milliseconds per frame, %d-%d in steps of %d (the API's default: 200)"
+                             % GIF_FRAME_MS)
     output.add_argument("--svg-model", metavar="NAME",
                         help="SVG on gpt-image-2.6: the model that writes it (e.g. gpt-5.6-terra; billed too)")
     output.add_argument("--strict-size", action="store_true",

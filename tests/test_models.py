@@ -19,7 +19,7 @@ SETTING_ARGS = {
     "size": ["-s", "1:1"], "quality": ["-q", "high"], "n": ["-n", "2"], "background": ["--background", "opaque"],
     "moderation": ["--moderation", "low"], "output_compression": ["-o", "jpeg", "-c", "80"],
     "mask": ["-i", "in.png", "--mask", "mask.png"], "stream": ["--stream"], "complexity": ["--complexity", "low"],
-    "frames": ["-o", "gif", "--frames", "4", "--frame-ms", "120", "-s", "480x480"],
+    "frames": ["-o", "gif", "--frames", "4", "--frame-ms", "120", "-s", "512x512"],
     "svg_model": ["-o", "svg", "--svg-model", "gpt-5.6-terra"],
 }
 CASES = [pytest.param(model, setting, id=f"{model}-{setting}") for model in gi.MODEL_PROFILES for setting in SETTING_ARGS]
@@ -101,7 +101,7 @@ def test_list_models_prints_the_table(cli: CliRunner) -> None:
     rows = {row["name"]: row for row in document["models"]}
     assert document["default"] == "gpt-image-2" and list(rows) == list(gi.MODEL_PROFILES)
     assert rows["gpt-image-2.6-all"]["billing"] == "$0.025 per image" and rows["gpt-image-2.6-all"]["max_n"] == 4
-    assert rows["gpt-image-2-vip"]["vip_sizes"]["4K"][-1] == "3840x1632"
+    assert rows["gpt-image-2-vip"]["size_tiers"]["4K"][-1] == "3840x1632"
 
 
 @pytest.mark.parametrize("frames, size, problem", [
@@ -245,3 +245,64 @@ def test_refusal_kinds_are_told_apart(online: CliRunner, api: FakeImagesAPI, rep
     assert {k: error[k] for k in details} == details
     if kind == "safety_refusal":
         assert error["hint"] == gi.SAFETY_HINT
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gpt-image-2.6-flare", "-o", "gif", "-s", "0x16"], "--size 0x16: width and height must be above 0"),
+    (["--model", "gpt-image-2-vip", "-s", "0x100"], "--size 0x100: width and height must be above 0"),
+    (["--model", "gpt-image-2.6-all", "-s", "1920x1080"], "the longest edge must be at most 1536"),
+    (["--model", "gpt-image-2-all", "-s", "16:9", "-r", "2K"], "-r 2K: gpt-image-2-all takes a long edge of at most 1536"),
+    (["--model", ""], "the model name is empty"),
+    (["--model", "gpt image"], "'gpt image' is not a model name"),
+])
+def test_sizes_and_names_a_model_cannot_take_are_refused(online: CliRunner, api: FakeImagesAPI, args: list[str],
+                                                         message: str) -> None:
+    run = online("-p", "cat", *args)
+    assert (run.code, api.requests) == (gi.EXIT_USAGE, []) and message in run.err and "Traceback" not in run.err
+
+
+@pytest.mark.parametrize("args, size", [
+    (["-s", "2048x1152"], "2048x1152"), (["-s", "1600x896"], None), (["-s", "16:9", "-r", "4K"], "3840x2160"),
+    (["-s", "1:1", "-r", "2K"], "2048x2048"), (["-s", "3:2"], "1024x683"),
+])
+def test_gpt_image_2_6_all_takes_free_sizes_to_1536_and_its_2k_and_4k_tiers(online: CliRunner, api: FakeImagesAPI,
+                                                                            args: list[str], size: str) -> None:
+    run = online("-p", "cat", "--model", "gpt-image-2.6-all", *args)
+    if size is None:
+        assert run.code == gi.EXIT_USAGE and "nearest valid size is 1536x860" in run.err
+        return
+    assert run.code == 0, run.err
+    assert api.requests[0].json()["size"] == size
+    assert "warning: gpt-image-2.6-all may return another size than asked" in run.err
+
+
+def test_an_unknown_model_is_not_held_to_a_known_ones_format_rules(online: CliRunner, api: FakeImagesAPI) -> None:
+    api.queue(Reply(body=images_answer([make_svg(0, 0)])))
+    run = online("-p", "logo", "--model", "gpt-image-9", "-o", "svg", "-f", "logo.svg")
+    assert run.code == 0, run.err
+    assert api.requests[0].json()["output_format"] == "svg" and "svg" not in api.requests[0].json()
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(body={"created": 1, "data": [{}]}), Reply(body={"created": 1, "data": [{"revised_prompt": "a cat"}]}),
+    stream_reply([b"data: [DONE]\n\n"]),
+], ids=["empty-item", "only-revised-prompt", "stream-done-without-image"])
+def test_an_answer_with_no_image_at_all_is_a_silent_refusal(online: CliRunner, api: FakeImagesAPI,
+                                                            reply: Reply) -> None:
+    api.queue(reply)
+    run = online("-p", "cat", "--json", *(["--stream"] if reply.pieces is not None else []))
+    assert (run.code, run.json()["error"]["kind"]) == (gi.EXIT_UNAVAILABLE, "silent_refusal")
+
+
+def test_a_gif_where_a_png_was_asked_counts_no_frames(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    api.queue(Reply(body=images_answer([make_gif(64, 64, 3)])))
+    run = online("-p", "cat", "-f", "cat.png", "--json", "--strict-size")
+    assert run.code == gi.EXIT_MISMATCH and run.json()["files"][0]["format_real"] == "gif"
+    assert "frames_requested" not in run.json()["files"][0] and "asked for format png but cat.gif has gif" in run.err
+
+
+def test_a_hostile_svg_header_is_read_quickly_and_kept(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="' + b"9" * 400 + b'" height="3"/>'
+    api.queue(Reply(body=images_answer([svg])))
+    run = online("-p", "logo", "--model", "gpt-image-2.6-all", "-o", "svg", "-f", "logo.svg")
+    assert run.code == 0 and (isolated / "logo.svg").read_bytes() == svg

@@ -137,7 +137,9 @@ BAD_ANSWERS = [
                  "(a silent refusal)", id="no-data"),
     pytest.param(Reply(body={"created": 1, "data": []}), "(a silent refusal)", id="empty-data"),
     pytest.param(Reply(body={"created": 1, "data": [{"b64_json": ""}]}), "b64_json is blank", id="empty-b64"),
-    pytest.param(Reply(body={"created": 1, "data": [{}]}), "no b64_json or url", id="empty-item"),
+    pytest.param(Reply(body={"created": 1, "data": [{}]}), "(a silent refusal)", id="empty-item"),
+    pytest.param(Reply(body={"created": 1, "data": [{}, {"b64_json": ""}]}), "b64_json is blank",
+                 id="one-image-blank"),
     pytest.param(Reply(body={"error": {"message": "upstream busy"}}), "holds an error instead of images: upstream busy",
                  id="200-with-error"),
 ]
