@@ -138,7 +138,7 @@ BAD_ANSWERS = [
     pytest.param(Reply(body={"created": 1, "data": []}), "(a silent refusal)", id="empty-data"),
     pytest.param(Reply(body={"created": 1, "data": [{"b64_json": ""}]}), "b64_json is blank", id="empty-b64"),
     pytest.param(Reply(body={"created": 1, "data": [{}]}), "(a silent refusal)", id="empty-item"),
-    pytest.param(Reply(body={"created": 1, "data": [{}, {"b64_json": ""}]}), "b64_json is blank",
+    pytest.param(Reply(body={"created": 1, "data": [{}, {"b64_json": ""}]}), "no b64_json or url",
                  id="one-image-blank"),
     pytest.param(Reply(body={"error": {"message": "upstream busy"}}), "holds an error instead of images: upstream busy",
                  id="200-with-error"),
