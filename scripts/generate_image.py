@@ -188,23 +188,34 @@ FIELD_SETTINGS = {"frame_count": "frames", "frame_duration_ms": "frames", "svg":
 # checked 2026-11 (references/models.md). A token group billed at another rate sets APIYI_PRICE_MULTIPLIER.
 TOKEN_PRICES = {"text_input": 5.0, "cached_text_input": 1.25, "image_input": 8.0, "cached_image_input": 2.0,
                 "image_output": 30.0}
+ENV_PRICE_MULTIPLIER = "APIYI_PRICE_MULTIPLIER"
+# Output tokens of one image, from OpenAI's calculator for gpt-image-2 (a forum reading of its code that
+# reproduces every published figure): q by quality; 2.5 has its own q (APIYI's measurements); 2.6 low and
+# medium are not published (references/models.md). tokens = ceil(q * saf * (2e6 + w*h) / 4e6), saf below.
+GPT_IMAGE_2_FACTORS = {"low": 16, "medium": 48, "high": 96}
+GPT_IMAGE_2_5_FACTORS = {"low": 16, "medium": 24, "high": 48, "xhigh": 64, "max": 96}
+GPT_IMAGE_2_6_FACTORS = {"high": 48, "xhigh": 64, "max": 96}
+PARTIAL_IMAGE_TOKENS = 100          # each streamed preview is billed as this many output tokens
+AUTO_SIZES = ("1024x1024", "1536x1024", "1024x1536")   # what "auto" may choose, for the bounds
+INPUT_IMAGE_PATCH, INPUT_IMAGE_MAX_PATCHES = 32, 1536  # an input image costs a token per 32 px patch, at most
+PROMPT_OVERHEAD_TOKENS = 6
 OFFICIAL_SETTINGS = ("size", "quality", "n", "background", "moderation", "output_compression", "mask", "stream")
 BASE_QUALITIES = QUALITIES[:4]
 MODEL_PROFILES: dict[str, dict[str, Any]] = {
-    "gpt-image-2": {"line": "official", "billing": "tokens", "seconds": (120, 150), "qualities": BASE_QUALITIES,
+    "gpt-image-2": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_FACTORS, "seconds": (120, 150), "qualities": BASE_QUALITIES,
                     "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                     "note": "the default: best text rendering; up to 5 min at high quality and 4K"},
-    "gpt-image-2.5-flare": {"line": "official", "billing": "tokens", "seconds": (40, 75), "qualities": QUALITIES,
+    "gpt-image-2.5-flare": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_5_FACTORS, "seconds": (40, 75), "qualities": QUALITIES,
                             "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                             "note": "faster 2.5; quality up to xhigh and max; native transparency"},
-    "gpt-image-2.5-sunburst": {"line": "official", "billing": "tokens", "seconds": (60, 120), "qualities": QUALITIES,
+    "gpt-image-2.5-sunburst": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_5_FACTORS, "seconds": (60, 120), "qualities": QUALITIES,
                                "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                                "note": "detailed 2.5; quality up to xhigh and max; native transparency"},
-    "gpt-image-2.6-flare": {"line": "official", "billing": "tokens", "seconds": (8, 15), "qualities": QUALITIES,
+    "gpt-image-2.6-flare": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_6_FACTORS, "seconds": (8, 15), "qualities": QUALITIES,
                             "formats": OUTPUT_FORMATS, "sizes": "free", "gif_rules": True, "needs_svg_model": True,
                             "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
                             "note": "fastest; complexity, GIF and SVG (SVG needs --svg-model)"},
-    "gpt-image-2.6-sunburst": {"line": "official", "billing": "tokens", "seconds": (20, 60), "qualities": QUALITIES,
+    "gpt-image-2.6-sunburst": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_6_FACTORS, "seconds": (20, 60), "qualities": QUALITIES,
                                "formats": OUTPUT_FORMATS, "sizes": "free", "gif_rules": True,
                                "needs_svg_model": True,
                                "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
@@ -532,7 +543,8 @@ class ModelProfile:
     tiers: str = ""             # the SIZE_TIERS it takes besides (or instead of) free sizes
     gif_rules: bool = False     # the official GIF frame limits apply
     needs_svg_model: bool = False
-    price_per_image: Optional[float] = None
+    price_per_image: Optional[float] = None     # a flat channel's price (every n it is sent is billed)
+    token_factors: Optional[Mapping[str, int]] = None   # by quality, for the output-token estimate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -592,6 +604,7 @@ class ApiConfig:
     api_key: str
     timeout_s: float
     retries: int
+    price_multiplier: float = 1.0       # APIYI_PRICE_MULTIPLIER: a token group billed at another rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -663,6 +676,7 @@ class RunResult:
     error: Optional[ToolError] = None
     previews: Optional[int] = None             # previews received, when streamed
     partials: tuple[Path, ...] = ()            # preview files kept (--keep-partials)
+    cost: Optional[dict[str, Any]] = None      # what it cost, from usage or the flat price (cost_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1405,6 +1419,71 @@ def check_format_rules(args: argparse.Namespace, profile: ModelProfile, fmt: str
                          hint="for example --svg-model gpt-5.6-terra (its tokens are billed too)", field="svg_model")
 
 
+def output_tokens(width: int, height: int, factor: int) -> int:
+    """One image's output tokens by OpenAI's calculator: wide images can cost less than squares."""
+    longest, shortest = max(width, height), min(width, height)
+    scale = (2 * factor * shortest + longest) // (2 * longest)
+    return math.ceil(factor * scale * (2_000_000 + width * height) / 4_000_000)
+
+
+def output_token_bounds(job: ImageJob, profile: ModelProfile) -> Optional[tuple[int, int]]:
+    """The fewest and most output tokens of one image: every quality "auto" may pick, every size "auto"
+    may pick; None where the table has no figure."""
+    quality = job.fields.get("quality", "auto")
+    qualities = [quality] if quality != "auto" else [q for q in BASE_QUALITIES if q != "auto"]
+    factors = profile.token_factors or {}
+    if not qualities or any(q not in factors for q in qualities):
+        return None
+    size = job.fields.get("size", "auto")
+    sizes = [size] if size != "auto" else list(AUTO_SIZES)
+    counts = [output_tokens(*map(int, s.split("x")), factors[q]) for s in sizes for q in qualities]
+    previews = int(job.fields.get("partial_images", 0)) * PARTIAL_IMAGE_TOKENS
+    return min(counts) + previews, max(counts) + previews
+
+
+def input_token_bounds(job: ImageJob) -> tuple[int, int, int]:
+    """Text tokens (at least a token per 4 bytes, at most one per character) and image input tokens
+    (a token per 32 px patch of each input image, at most 1536 each)."""
+    text_low = len(job.prompt.encode("utf-8")) // 4 + PROMPT_OVERHEAD_TOKENS
+    text_high = len(job.prompt) + PROMPT_OVERHEAD_TOKENS
+    images = sum(min(INPUT_IMAGE_MAX_PATCHES, math.ceil(f.info.width / INPUT_IMAGE_PATCH) *
+                     math.ceil(f.info.height / INPUT_IMAGE_PATCH)) for f in job.images)
+    return text_low, text_high, images
+
+
+def token_usd(text: float, image: float, output: float, multiplier: float) -> float:
+    prices = TOKEN_PRICES
+    return (text * prices["text_input"] + image * prices["image_input"] + output * prices["image_output"]) \
+        / 1e6 * multiplier
+
+
+def estimate_cost(job: ImageJob, multiplier: float, history: Sequence[int] = ()) -> dict[str, Any]:
+    """USD before sending, low and high (None where nothing is published), from the flat price, or
+    from the token tables; output tokens seen in earlier runs of the same request shape replace the
+    table's bounds."""
+    profile = profile_for(job.fields["model"])
+    if profile.price_per_image is not None:
+        usd = round(profile.price_per_image * job.n * multiplier, 4)
+        return {"low": usd, "high": usd, "basis": "per_image", "source": "the flat price"}
+    bounds = (min(history), max(history)) if history else output_token_bounds(job, profile)
+    if bounds is None:
+        return {"low": None, "high": None, "basis": "tokens" if profile.line == "official" else "unknown",
+                "source": "no published figure for this model and quality"}
+    text_low, text_high, images = input_token_bounds(job)
+    low = token_usd(text_low, images, bounds[0], multiplier) * job.n
+    high = token_usd(text_high, images, bounds[1], multiplier) * job.n
+    source = f"{len(history)} earlier run{'s' if len(history) > 1 else ''}" if history else "the token tables"
+    return {"low": round(low, 4), "high": round(high, 4), "basis": "tokens", "source": source}
+
+
+def estimate_text(estimate: Mapping[str, Any]) -> str:
+    if estimate["high"] is None:
+        return f"cost unknown ({estimate['source']})"
+    spread = f"${estimate['low']:.4f}" if estimate["low"] == estimate["high"] else \
+        f"${estimate['low']:.4f}-${estimate['high']:.4f}"
+    return f"estimated cost {spread} (from {estimate['source']})"
+
+
 def collect_fields(args: argparse.Namespace, *, prompt: str, size: Optional[str], fmt: str,
                    format_given: bool, left_out: frozenset[str] = frozenset()) -> Fields:
     """Only what the user gave goes on the wire (the server's defaults apply); model always does.
@@ -1855,7 +1934,19 @@ def build_config(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[ApiC
     base_url, url_warnings = check_base_url(args.base_url or env.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
     check_proxy(base_url, allowed=args.allow_http_proxy)
     key, key_warnings = resolve_api_key(args.api_key, env, required=not args.dry_run)
-    return ApiConfig(base_url, key, args.timeout, args.retries), url_warnings + key_warnings
+    return ApiConfig(base_url, key, args.timeout, args.retries, price_multiplier(env)), url_warnings + key_warnings
+
+
+def price_multiplier(env: Mapping[str, str]) -> float:
+    text = env.get(ENV_PRICE_MULTIPLIER, "").strip()
+    try:
+        value = float(text) if text else 1.0
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 100:
+        raise UsageError(f"{ENV_PRICE_MULTIPLIER}={short_name(clean_text(text))!r} is not a price multiplier",
+                         hint="a number such as 1.2 (above 0, at most 100), or unset it")
+    return value
 
 
 # --- Request building ---
@@ -3186,7 +3277,7 @@ def save_image(fill: ImageFill, target: Path, *, overwrite: bool) -> SavedImage:
 
 
 def build_metadata(job: ImageJob, saved: SavedImage, result_meta: Mapping[str, Any], *,
-                   request_id: str, elapsed_s: float) -> dict[str, Any]:
+                   request_id: str, elapsed_s: float, cost: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """What the .json sidecar records; the key is never part of the job, so it cannot leak here."""
     parameters = {k: v for k, v in job.fields.items() if k != "prompt"}
     return {"tool": f"{TOOL_NAME} {VERSION}", "prompt": job.prompt, "model": job.fields["model"],
@@ -3196,7 +3287,7 @@ def build_metadata(job: ImageJob, saved: SavedImage, result_meta: Mapping[str, A
             **requested_and_real(job, saved), "bytes": saved.size_bytes, "sha256": saved.sha256,
             "usage": result_meta.get("usage"), "revised_prompt": first_revised_prompt(result_meta),
             "request_id": request_id or None, "created": result_meta.get("created"),
-            "elapsed_s": round(elapsed_s, 3)}
+            "elapsed_s": round(elapsed_s, 3), "cost": cost}
 
 
 def write_metadata(saved: SavedImage, metadata: Mapping[str, Any], *, overwrite: bool) -> Path:
@@ -3261,8 +3352,10 @@ def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: 
     """Decode and write what the spooled answer holds: a single run, a batch item, a recovery."""
     meta, sources = read_spooled_answer(spool, streamed=received.streamed)
     saved, arrived, warnings, problem = save_all(job, sources, spool, config)
+    cost = cost_of(job, meta, config.price_multiplier)
     for image in saved if job.output.metadata else ():
-        metadata = build_metadata(job, image, meta, request_id=received.request_id, elapsed_s=received.elapsed_s)
+        metadata = build_metadata(job, image, meta, request_id=received.request_id, elapsed_s=received.elapsed_s,
+                                  cost=cost)
         metadata = scrub(metadata, config.api_key)  # a server may echo the key
         try:
             write_metadata(image, metadata, overwrite=job.output.overwrite)
@@ -3276,7 +3369,7 @@ def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: 
     problem = problem or strict_size_error(job, saved)
     return RunResult(job, tuple(saved), meta, received.request_id, received.elapsed_s,
                      tuple(warnings + size_warnings(job, saved)), problem, previews=received.previews,
-                     partials=partials)
+                     partials=partials, cost=cost)
 
 
 def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
@@ -3323,6 +3416,33 @@ def requested_and_real(job: ImageJob, image: SavedImage) -> dict[str, Any]:
     if job.output.format == "gif":
         pairs["frames"] = (job.fields.get("frame_count", 9), info.frames if info.format == "gif" else None)
     return {f"{name}_{side}": value for name, pair in pairs.items() for side, value in zip(("requested", "real"), pair)}
+
+
+def cost_of(job: ImageJob, meta: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
+    """What a run cost in USD: a flat channel's price for every n sent, or the answer's usage at the
+    published token prices; None where neither is known."""
+    profile = profile_for(job.fields["model"])
+    if profile.price_per_image is not None:
+        return {"usd": round(profile.price_per_image * job.n * multiplier, 6), "basis": "per_image",
+                "prices": {"per_image": profile.price_per_image, "multiplier": multiplier}}
+    usage = meta.get("usage")
+    if profile.line != "official" or not isinstance(usage, dict) or not isinstance(usage.get("output_tokens"), int):
+        return {"usd": None, "basis": "tokens" if profile.line == "official" else "unknown",
+                "note": "the answer reported no usage" if profile.line == "official" else "no published price"}
+    details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
+    image = int(details.get("image_tokens") or 0)
+    text = int(details.get("text_tokens") if isinstance(details.get("text_tokens"), int)
+               else max(0, int(usage.get("input_tokens") or 0) - image))
+    cost = {"usd": round(token_usd(text, image, usage["output_tokens"], multiplier), 6), "basis": "tokens",
+            "prices": {**{k: v for k, v in TOKEN_PRICES.items() if not k.startswith("cached")},
+                       "multiplier": multiplier}}
+    return {**cost, "note": "the SVG author model's tokens are not included"} if meta.get("svg_usage") else cost
+
+
+def cost_text(cost: Optional[Mapping[str, Any]]) -> str:
+    if not cost:
+        return ""
+    return f"cost ${cost['usd']:.4f}" if cost.get("usd") is not None else f"cost unknown ({cost.get('note', '')})"
 
 
 def mismatches(job: ImageJob, image: SavedImage) -> list[str]:
@@ -3483,18 +3603,19 @@ def plan_from_plain(plain: Mapping[str, Any]) -> BatchPlan:
 
 
 def config_to_plain(config: ApiConfig) -> dict[str, Any]:
-    return {"base_url": config.base_url, "timeout_s": config.timeout_s, "retries": config.retries}
+    return {"base_url": config.base_url, "timeout_s": config.timeout_s, "retries": config.retries,
+            "price_multiplier": config.price_multiplier}
 
 
 def config_from_plain(plain: Mapping[str, Any], key: str) -> ApiConfig:
-    return ApiConfig(plain["base_url"], key, plain["timeout_s"], plain["retries"])
+    return ApiConfig(plain["base_url"], key, plain["timeout_s"], plain["retries"], plain.get("price_multiplier", 1.0))
 
 
 def result_to_plain(result: RunResult) -> dict[str, Any]:
     return {"files": [to_plain(s) for s in result.files], "meta": result.meta, "request_id": result.request_id,
             "elapsed_s": result.elapsed_s, "warnings": list(result.warnings),
             "error": error_document(result.error) if result.error else None, "previews": result.previews,
-            "partials": [str(p) for p in result.partials]}
+            "partials": [str(p) for p in result.partials], "cost": result.cost}
 
 
 def result_from_plain(job: ImageJob, plain: Mapping[str, Any]) -> RunResult:
@@ -3502,7 +3623,7 @@ def result_from_plain(job: ImageJob, plain: Mapping[str, Any]) -> RunResult:
                              f["fallback_reason"]) for f in plain["files"])
     error = error_from_document(plain["error"]) if plain["error"] else None
     return RunResult(job, files, plain["meta"], plain["request_id"], plain["elapsed_s"], tuple(plain["warnings"]),
-                     error, plain["previews"], tuple(Path(p) for p in plain["partials"]))
+                     error, plain["previews"], tuple(Path(p) for p in plain["partials"]), plain.get("cost"))
 
 
 def error_from_document(document: Mapping[str, Any]) -> ToolError:
@@ -3907,7 +4028,8 @@ def item_record(item: BatchItem, status: str, *, result: Optional[RunResult] = N
             "warnings": list(result.warnings) if result else [],
             "sha256": [s.sha256 for s in files], "sizes": [f"{s.info.width}x{s.info.height}" for s in files],
             "requested_and_real": [requested_and_real(item.job, s) for s in files],
-            "usage": result.meta.get("usage") if result else None,
+            "usage": result.meta.get("usage") if result else None, "cost": result.cost if result else None,
+            "model": item.job.fields["model"], "quality": item.job.fields.get("quality", "auto"),
             "request_id": (result.request_id or None) if result else None,
             "elapsed_s": round(elapsed_s, 3), "error": error_document(error) if error else None,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -4686,17 +4808,18 @@ def report_batch(monitor: BatchMonitor, record: Mapping[str, Any], console: Cons
     for item in failed:
         console.progress(f"item {item['item']} failed (exit {item['error']['exit_code']}): {item['error']['message']}")
     elapsed = time.monotonic() - monitor.started
-    usage = total_usage(records)
+    usage, cost = total_usage(records), total_cost(records)
     console.progress(f"batch: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped, "
                      f"{counts['not_run']} not run, of {counts['total']} in {clock(elapsed)}"
-                     + (f"; {usage_text(usage)}" if usage else "") + f"; manifest {plan.manifest}")
+                     + "".join(f"; {text}" for text in (usage_text(usage), cost_text(cost)) if text)
+                     + f"; manifest {plan.manifest}")
     outcome = batch_outcome(monitor, record, failed)
     if console.json_mode:
         not_run = [{"item": i.number, "prompt": i.job.prompt, "status": "not_run"}
                    for i in plan.items if i.number not in monitor.records]
         console.document({"ok": outcome is None, "batch": str(plan.source), "description": plan.description,
                           "manifest": str(plan.manifest), "job": record["id"], "counts": counts,
-                          "items": sorted(records + not_run, key=lambda r: r["item"]), "usage": usage,
+                          "items": sorted(records + not_run, key=lambda r: r["item"]), "usage": usage, "cost": cost,
                           "elapsed_s": round(elapsed, 3),
                           **({"error": error_document(outcome)} if outcome else {})})
     if outcome:
@@ -4812,7 +4935,8 @@ def report_result(result: RunResult, console: Console) -> int:
         console.progress(f"preview kept: {partial}")
     revised = first_revised_prompt(result.meta)
     done = f"done in {result.elapsed_s:.0f} s" + (f" (request id {result.request_id})" if result.request_id else "")
-    for line in (usage_text(result.meta.get("usage")), f"revised prompt: {revised}" if revised else "",
+    spent = "; ".join(t for t in (usage_text(result.meta.get("usage")), cost_text(result.cost)) if t)
+    for line in (spent, f"revised prompt: {revised}" if revised else "",
                  "" if result.error and not result.files else done):
         if line:
             console.progress(line)
@@ -4831,7 +4955,7 @@ def result_document(result: RunResult) -> dict[str, Any]:
                                 "model": result.job.fields["model"], "mode": result.job.mode,
                                 "size": result.job.fields.get("size", "auto"),
                                 "quality": result.job.fields.get("quality", "auto"),
-                                "usage": result.meta.get("usage"),
+                                "usage": result.meta.get("usage"), "cost": result.cost,
                                 "revised_prompt": first_revised_prompt(result.meta),
                                 "request_id": result.request_id or None,
                                 "elapsed_s": round(result.elapsed_s, 3), "warnings": list(result.warnings)}
@@ -4933,6 +5057,17 @@ def total_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
             if isinstance(usage.get(key), int):
                 totals[key] = totals.get(key, 0) + usage[key]
     return totals
+
+
+def total_cost(records: Sequence[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """The batch's spend: the items that cost something known, and how many ran at an unknown cost."""
+    costs = [r["cost"] for r in records if isinstance(r.get("cost"), dict)]
+    if not costs:
+        return None
+    known = [c["usd"] for c in costs if c.get("usd") is not None]
+    unknown = len(costs) - len(known)
+    return {"usd": round(sum(known), 6), "basis": "sum",
+            **({"note": f"{unknown} item{'s' if unknown > 1 else ''} at an unknown cost"} if unknown else {})}
 
 
 def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console) -> int:

@@ -446,7 +446,7 @@ def test_progress_lines_on_stderr_when_not_a_terminal(online: CliRunner, isolate
     assert lines[1].startswith("[1/2] item 1 ok in 0 s: 01-cat.png")
     assert lines[2].startswith("[2/2] item 2 ok in 0 s: 02-dog.png")
     assert lines[3].startswith("batch: 2 ok, 0 failed, 0 skipped, 0 not run, of 2 in 0:0")
-    assert "tokens: 100 input, 8320 output, 8420 total; manifest b.results.jsonl" in lines[3]
+    assert "tokens: 100 input, 8320 output, 8420 total; cost $0.2501; manifest b.results.jsonl" in lines[3]
 
 
 def test_a_terminal_gets_one_live_status_line(online: CliRunner, api: FakeImagesAPI, isolated: Path,

@@ -171,6 +171,9 @@ def test_one_bad_image_does_not_cost_the_good_one(online: CliRunner, api: FakeIm
     assert not Path("cat-2.png").exists()
 
 
+PRICES = {"text_input": 5.0, "image_input": 8.0, "image_output": 30.0, "multiplier": 1.0}
+
+
 def test_metadata_sidecar(online: CliRunner, api: FakeImagesAPI, picture) -> None:
     picture("in.png", "png", 300, 300)
     image = make_png(1024, 1024)
@@ -187,7 +190,8 @@ def test_metadata_sidecar(online: CliRunner, api: FakeImagesAPI, picture) -> Non
         "parameters": {"model": "gpt-image-2", "size": "1024x1024", "quality": "high", "output_format": "png"},
         "input_images": ["in.png"], "mask": None, "size_requested": "1024x1024", "size_real": "1024x1024",
         "format_requested": "png", "format_real": "png", "bytes": len(image), "sha256": hashlib.sha256(image).hexdigest(), "usage": usage,
-        "revised_prompt": None, "request_id": "req_9", "created": 123}
+        "revised_prompt": None, "request_id": "req_9", "created": 123,
+        "cost": {"usd": 0.000305, "basis": "tokens", "prices": PRICES}}   # (7 x $5 + 9 x $30) per million
     assert run.out == "out/cat.png\n"
 
 
@@ -205,7 +209,8 @@ def test_json_success_document(online: CliRunner, api: FakeImagesAPI) -> None:
         "model": "gpt-image-2", "mode": "generate", "size": "2048x1152", "quality": "high",
         "usage": {"input_tokens": 50, "output_tokens": 4160, "total_tokens": 4210,
                   "input_tokens_details": {"text_tokens": 50, "image_tokens": 0}},
-        "revised_prompt": None, "request_id": None, "warnings": []}
+        "revised_prompt": None, "request_id": None, "warnings": [],
+        "cost": {"usd": 0.12505, "basis": "tokens", "prices": PRICES}}   # (50 x $5 + 4160 x $30) per million
 
 
 def test_revised_prompt_is_reported(online: CliRunner, api: FakeImagesAPI) -> None:
