@@ -74,7 +74,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Callable, NoReturn, Optional, Union
 
@@ -685,6 +685,7 @@ class BatchItem:
     job: ImageJob
     done_paths: tuple[Path, ...] = ()
     fingerprint: str = ""           # what was asked, as the manifest records it for resume
+    cost_high: Optional[float] = None   # the most it may cost (USD), for --max-cost
 
     @property
     def skipped(self) -> bool:
@@ -699,6 +700,7 @@ class BatchPlan:
     manifest: Path
     jobs: int
     warnings: tuple[str, ...] = ()
+    max_cost: Optional[float] = None    # --max-cost: no item starts that could take the spend past it
 
     @property
     def to_run(self) -> list[BatchItem]:
@@ -721,6 +723,16 @@ def int_in_range(low: int, high: int, step: int = 1) -> Callable[[str], int]:
         return value
 
     return convert
+
+
+def positive_dollars(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{short_name(text)!r} is not an amount in US dollars") from None
+    if not 0 < value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{value:g} must be above 0 and at most 1000000")
+    return value
 
 
 def positive_seconds(text: str) -> float:
@@ -3598,8 +3610,9 @@ def job_from_plain(plain: Mapping[str, Any]) -> ImageJob:
 
 def plan_from_plain(plain: Mapping[str, Any]) -> BatchPlan:
     items = tuple(BatchItem(i["number"], job_from_plain(i["job"]), tuple(Path(p) for p in i["done_paths"]),
-                            i.get("fingerprint", "")) for i in plain["items"])
-    return BatchPlan(Path(plain["source"]), plain["description"], items, Path(plain["manifest"]), plain["jobs"])
+                            i.get("fingerprint", ""), i.get("cost_high")) for i in plain["items"])
+    return BatchPlan(Path(plain["source"]), plain["description"], items, Path(plain["manifest"]), plain["jobs"],
+                     max_cost=plain.get("max_cost"))
 
 
 def config_to_plain(config: ApiConfig) -> dict[str, Any]:
@@ -4046,6 +4059,8 @@ class BatchRun:
         self.pending = list(reversed(plan.to_run))      # taken from the end, so in file order
         self.stop_error: Optional[ToolError] = None     # set: no new item starts
         self.crashed = False                            # an item ended in a bug (exit 1)
+        self.spent = 0.0                                # USD of the items that ended (--max-cost)
+        self.reserved: dict[int, float] = {}            # the most each item in flight may cost
         self.workers_left = 0
         self.all_done = threading.Event()
 
@@ -4064,7 +4079,26 @@ class BatchRun:
         with self.lock:
             if self.stop_error or not self.pending:
                 return None
+            item = self.pending[-1]
+            if self.over_budget(item):
+                self.stop_error = self.budget_error(item)
+                return None
+            self.reserved[item.number] = item.cost_high or 0.0
             return self.pending.pop()
+
+    def over_budget(self, item: BatchItem) -> bool:
+        """What has been spent, plus the most the items in flight and this one may cost."""
+        budget = self.plan.max_cost
+        return budget is not None and self.spent + sum(self.reserved.values()) + (item.cost_high or 0.0) > budget
+
+    def budget_error(self, item: BatchItem) -> ToolError:
+        err = ToolError(f"--max-cost ${self.plan.max_cost:g} reached: ${self.spent:.4f} spent, "
+                        f"${sum(self.reserved.values()):.4f} more may be spent by the items in flight, and item "
+                        f"{item.number} may cost up to ${item.cost_high or 0:.4f}; {len(self.pending)} items not run",
+                        kind="budget", hint="run the same command again with a larger --max-cost: only the items "
+                                            "not made are sent")
+        err.exit_code = EXIT_BATCH_PARTIAL
+        return err
 
     def stop(self, error: ToolError) -> None:
         """No new item starts; those in flight finish (they are being paid for)."""
@@ -4127,6 +4161,9 @@ class BatchRun:
     def finish(self, record: dict[str, Any]) -> None:
         record = scrub(record, self.worker.key)
         with self.lock:
+            cost = (record.get("cost") or {}).get("usd")
+            reserved = self.reserved.pop(record["item"], 0.0)
+            self.spent += cost if cost is not None else reserved
             try:
                 append_manifest(self.plan.manifest, record)
             except OSError as err:
@@ -4994,18 +5031,19 @@ def dry_run_outputs(job: ImageJob) -> tuple[list[str], list[str]]:
     return outputs, warnings
 
 
-def run_dry(job: ImageJob, config: ApiConfig, console: Console) -> int:
+def run_dry(job: ImageJob, config: ApiConfig, console: Console, estimate: Mapping[str, Any]) -> int:
     described = describe_request(build_request(job, config), job, config)
     outputs, taken = dry_run_outputs(job)
     for warning in taken:
         console.warn(warning)
     if console.json_mode:
         console.document({"ok": True, "dry_run": True, "mode": job.mode, "request": described,
-                          "outputs": outputs, "warnings": list(job.warnings) + taken})
+                          "outputs": outputs, "warnings": list(job.warnings) + taken, "estimate": estimate})
         return EXIT_OK
     lines = [f"{described['method']} {described['url']}"]
     lines += [f"{name}: {value}" for name, value in described["headers"].items()]
     lines += [""] + body_lines(described) + [""] + [f"output: {path}" for path in outputs]
+    lines += [estimate_text(estimate)]
     console.result("\n".join(lines))
     return EXIT_OK
 
@@ -5059,6 +5097,47 @@ def total_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return totals
 
 
+def request_shape(fields: Mapping[str, Any]) -> tuple[str, str, str]:
+    return str(fields.get("model")), str(fields.get("size", "auto")), str(fields.get("quality", "auto"))
+
+
+def earlier_output_tokens(env: Mapping[str, str], manifest: Optional[Path] = None) -> dict[tuple, list[int]]:
+    """Output tokens per image that earlier runs really used, by model, size and quality: from the
+    finished jobs in the state folder and a batch's manifest."""
+    seen: dict[tuple, list[int]] = {}
+    folder = state_folder(env)
+    records = list_records(folder) if folder.is_dir() else []
+    for record in records:
+        usage = ((record.get("result") or {}).get("meta") or {}).get("usage")
+        fields = (record.get("spec") or {}).get("fields")
+        if record.get("kind") == "single" and isinstance(usage, dict) and isinstance(fields, dict):
+            add_tokens(seen, request_shape(fields), usage, int(fields.get("n", 1)))
+    for line in read_manifest(manifest)[0] if manifest else ():
+        if isinstance(line.get("usage"), dict) and line.get("status") == "ok" and line.get("requested_and_real"):
+            size = line["requested_and_real"][0].get("size_requested") or "auto"
+            add_tokens(seen, (str(line.get("model")), size, str(line.get("quality"))), line["usage"],
+                       int(line.get("n") or 1))
+    return seen
+
+
+def add_tokens(seen: dict[tuple, list[int]], shape: tuple, usage: Mapping[str, Any], n: int) -> None:
+    if isinstance(usage.get("output_tokens"), int) and n > 0:
+        seen.setdefault(shape, []).append(usage["output_tokens"] // n)
+
+
+def check_budget(estimate: Mapping[str, Any], max_cost: Optional[float], what: str) -> None:
+    """--max-cost: refused before sending when the most it may cost is above it, or cannot be known."""
+    if max_cost is None:
+        return
+    if estimate["high"] is None:
+        raise UsageError(f"--max-cost ${max_cost:g}: the cost of {what} cannot be estimated ({estimate['source']})",
+                         hint="drop --max-cost, or choose a model and quality with published prices", field="max_cost")
+    if estimate["high"] > max_cost:
+        raise UsageError(f"--max-cost ${max_cost:g}: {what} may cost up to ${estimate['high']:.4f} "
+                         f"({estimate_text(estimate)})", hint="raise --max-cost, or ask for less (size, quality, -n)",
+                         field="max_cost")
+
+
 def total_cost(records: Sequence[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
     """The batch's spend: the items that cost something known, and how many ran at an unknown cost."""
     costs = [r["cost"] for r in records if isinstance(r.get("cost"), dict)]
@@ -5070,18 +5149,32 @@ def total_cost(records: Sequence[Mapping[str, Any]]) -> Optional[dict[str, Any]]
             **({"note": f"{unknown} item{'s' if unknown > 1 else ''} at an unknown cost"} if unknown else {})}
 
 
-def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
+def batch_cost_estimate(estimates: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The items' estimates added up; unknown when any one is."""
+    estimates = list(estimates)
+    if any(e["high"] is None for e in estimates):
+        unknown = sum(e["high"] is None for e in estimates)
+        return {"low": None, "high": None, "basis": "sum", "source": f"{unknown} item{'s' * (unknown > 1)} unknown"}
+    return {"low": round(sum(e["low"] for e in estimates), 4), "high": round(sum(e["high"] for e in estimates), 4),
+            "basis": "sum", "source": "the items' estimates"}
+
+
+def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console,
+                  estimates: Mapping[int, Mapping[str, Any]]) -> int:
     entries = []
     for item in plan.items:
         outputs = [str(p) for p in item.done_paths or output_paths(item.job.output, item.job.n)]
         request = None if item.skipped else describe_request(build_request(item.job, config), item.job, config)
-        entries.append({"item": item.number, "skip": item.skipped, "request": request, "outputs": outputs})
+        entries.append({"item": item.number, "skip": item.skipped, "request": request, "outputs": outputs,
+                        "estimate": estimates.get(item.number)})
     runnable = len(plan.to_run)
+    total = batch_cost_estimate(estimates.values())
     summary = (f"{len(plan.items)} items: {runnable} to send, {len(plan.items) - runnable} already done; "
-               + batch_estimate(runnable, plan.jobs, typical_seconds(plan)))
+               + batch_estimate(runnable, plan.jobs, typical_seconds(plan)) + f"; {estimate_text(total)}")
     if console.json_mode:
         console.document({"ok": True, "dry_run": True, "batch": str(plan.source), "manifest": str(plan.manifest),
-                          "jobs": plan.jobs, "items": entries, "to_send": runnable, "estimate": summary})
+                          "jobs": plan.jobs, "items": entries, "to_send": runnable, "estimate": summary,
+                          "cost": total})
         return EXIT_OK
     lines = []
     for entry in entries:
@@ -5089,7 +5182,8 @@ def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console) -> int:
         if request is None:
             lines.append(f"item {entry['item']}: already done, skipped: {', '.join(entry['outputs'])}")
             continue
-        lines += [f"item {entry['item']}: {request['method']} {request['url']}", *body_lines(request)]
+        lines += [f"item {entry['item']}: {request['method']} {request['url']}", *body_lines(request),
+                  estimate_text(entry["estimate"])]
         lines += [f"output: {path}" for path in entry["outputs"]] + [""]
     console.result("\n".join(lines + [f"manifest: {plan.manifest}", summary]))
     return EXIT_OK
@@ -5146,10 +5240,29 @@ def run_batch_command(args: argparse.Namespace, console: Console, env: Mapping[s
             by_text.setdefault(warning, []).append(str(item.number))
     config = connect(args, console, env, [*plan.warnings, *(f"item {', '.join(numbers)}: {text}"
                                                             for text, numbers in by_text.items())])
+    plan, estimates = price_batch(plan, config, env, args.max_cost)
     console.event("validated", items=len(plan.items), to_send=len(plan.to_run))
     if args.dry_run:
-        return run_batch_dry(plan, config, console)
+        return run_batch_dry(plan, config, console, estimates)
     return run_batch(plan, config, console, env, args)
+
+
+def price_batch(plan: BatchPlan, config: ApiConfig, env: Mapping[str, str],
+                max_cost: Optional[float]) -> tuple[BatchPlan, dict[int, dict[str, Any]]]:
+    """Each item to send gets its estimate; with --max-cost every one must be known, and the plan
+    carries the budget and each item's most to the worker, which keeps to it."""
+    history = earlier_output_tokens(env, plan.manifest)
+    estimates = {item.number: estimate_cost(item.job, config.price_multiplier,
+                                            history.get(request_shape(item.job.fields), []))
+                 for item in plan.to_run}
+    unknown = [str(number) for number, estimate in estimates.items() if estimate["high"] is None]
+    if max_cost is not None and unknown:
+        raise UsageError(f"--max-cost ${max_cost:g}: the cost of item {', '.join(unknown)} cannot be estimated",
+                         hint="drop --max-cost, or choose models and qualities with published prices",
+                         field="max_cost")
+    items = tuple(dataclasses.replace(item, cost_high=estimates[item.number]["high"]) if item.number in estimates
+                  else item for item in plan.items)
+    return dataclasses.replace(plan, items=items, max_cost=max_cost), estimates
 
 
 def run_batch(plan: BatchPlan, config: ApiConfig, console: Console, env: Mapping[str, str],
@@ -5199,9 +5312,12 @@ def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, st
     for note in job.notes:
         console.progress(note)
     config = connect(args, console, env, job.warnings)
+    history = earlier_output_tokens(env).get(request_shape(job.fields), [])
+    estimate = estimate_cost(job, config.price_multiplier, history)
+    check_budget(estimate, args.max_cost, "this request")
     console.event("validated", mode=job.mode, outputs=[str(p) for p in output_paths(job.output, job.n)])
     if args.dry_run:
-        return run_dry(job, config, console)
+        return run_dry(job, config, console, estimate)
     return run_single(job, config, console, env, args)
 
 
@@ -5312,6 +5428,9 @@ def build_parser() -> CliParser:
                             "Flags give defaults; the file's global block and items override them")
     batch.add_argument("--out-dir", metavar="DIR",
                        help="write the images and FILE.results.jsonl here (default: beside the batch file)")
+    batch.add_argument("--max-cost", type=positive_dollars, metavar="USD",
+                       help="refuse a run that may cost more (its high estimate), and start no batch item that "
+                            "could take the spend past it")
     batch.add_argument("-j", "--jobs", type=int_in_range(1, MAX_JOBS), metavar="N",
                        help=f"requests in flight, 1-{MAX_JOBS} (default {DEFAULT_JOBS}); a 429 pauses all "
                             "and halves it")

@@ -420,7 +420,9 @@ def test_dry_run_prints_each_request_output_and_estimate(online: CliRunner, api:
         "output: 01-a.png", "output: 03-c.png", "output: 04-d.png", "output: 05-e.png"]
     assert lines[-2:] == ["manifest: b.results.jsonl",
                           "5 items: 4 to send, 1 already done; about 4:00-5:00 (2 rounds of 120-150 s at -j 2; "
-                          "longer at high quality or 4K)"]
+                          "longer at high quality or 4K); estimated cost $0.4992 (from the items' estimates)"]
+    # the two items made before used 4160 output tokens each: the estimate of the same shape now follows them
+    assert lines.count("estimated cost $0.1248 (from 2 earlier runs)") == 4
     assert len(manifest_lines(isolated / "b.results.jsonl")) == 2
     document = online("--batch", batch, "--dry-run", "--json").json()
     assert (document["to_send"], document["jobs"], len(document["items"])) == (4, 4, 5)

@@ -355,7 +355,7 @@ def test_a_nul_in_a_batch_prompt_names_the_item(online: CliRunner, api: FakeImag
 def test_dry_run_shows_the_name_a_real_run_would_use(online: CliRunner, isolated: Path) -> None:
     (isolated / "cat.png").write_bytes(b"mine")
     run = online("-p", "cat", "-f", "cat.png", "--dry-run")
-    assert run.out.splitlines()[-1] == "output: cat-2.png"
+    assert run.out.splitlines()[-2] == "output: cat-2.png"
     assert "warning: cat.png exists: would save as cat-2.png (--overwrite replaces it)" in run.err
     document = online("-p", "cat", "-f", "cat.png", "--dry-run", "--json").json()
     assert document["outputs"] == ["cat-2.png"] and document["warnings"][-1].startswith("cat.png exists")

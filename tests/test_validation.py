@@ -294,7 +294,7 @@ def test_dry_run_shows_request_without_key(cli: CliRunner, monkeypatch: pytest.M
                                      "Authorization: Bearer ***"]
     assert json.loads(body) == {"model": "gpt-image-2", "prompt": "橘猫", "size": "1536x1024", "quality": "high",
                                 "output_format": "jpeg", "output_compression": 80}
-    assert outputs == "output: cat.jpg\n"
+    assert outputs == "output: cat.jpg\nestimated cost $0.1647 (from the token tables)\n"   # 5488 tokens x $30/M
     assert not (isolated / "cat.jpg").exists()
 
 
