@@ -202,20 +202,25 @@ PROMPT_OVERHEAD_TOKENS = 6
 OFFICIAL_SETTINGS = ("size", "quality", "n", "background", "moderation", "output_compression", "mask", "stream")
 BASE_QUALITIES = QUALITIES[:4]
 MODEL_PROFILES: dict[str, dict[str, Any]] = {
-    "gpt-image-2": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_FACTORS, "seconds": (120, 150), "qualities": BASE_QUALITIES,
+    "gpt-image-2": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_FACTORS,
+                    "seconds": (120, 150), "qualities": BASE_QUALITIES,
                     "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                     "note": "the default: best text rendering; up to 5 min at high quality and 4K"},
-    "gpt-image-2.5-flare": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_5_FACTORS, "seconds": (40, 75), "qualities": QUALITIES,
+    "gpt-image-2.5-flare": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_5_FACTORS,
+                            "seconds": (40, 75), "qualities": QUALITIES,
                             "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                             "note": "faster 2.5; quality up to xhigh and max; native transparency"},
-    "gpt-image-2.5-sunburst": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_5_FACTORS, "seconds": (60, 120), "qualities": QUALITIES,
+    "gpt-image-2.5-sunburst": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_5_FACTORS,
+                               "seconds": (60, 120), "qualities": QUALITIES,
                                "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
                                "note": "detailed 2.5; quality up to xhigh and max; native transparency"},
-    "gpt-image-2.6-flare": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_6_FACTORS, "seconds": (8, 15), "qualities": QUALITIES,
+    "gpt-image-2.6-flare": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_6_FACTORS,
+                            "seconds": (8, 15), "qualities": QUALITIES,
                             "formats": OUTPUT_FORMATS, "sizes": "free", "gif_rules": True, "needs_svg_model": True,
                             "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
                             "note": "fastest; complexity, GIF and SVG (SVG needs --svg-model)"},
-    "gpt-image-2.6-sunburst": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_6_FACTORS, "seconds": (20, 60), "qualities": QUALITIES,
+    "gpt-image-2.6-sunburst": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_6_FACTORS,
+                               "seconds": (20, 60), "qualities": QUALITIES,
                                "formats": OUTPUT_FORMATS, "sizes": "free", "gif_rules": True,
                                "needs_svg_model": True,
                                "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
@@ -378,7 +383,8 @@ BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{200,}")
 # control characters.
 WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.I)
 WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\x00-\x1f]')
-WINDOWS_NAME_RULE = "is not a file name Windows accepts (reserved names like CON or NUL, <>:\"|?*, a trailing dot or space)"
+WINDOWS_NAME_RULE = ("is not a file name Windows accepts (reserved names like CON or NUL, <>:\"|?*, a trailing dot "
+                     "or space)")
 
 # Windows: no console, a process group of its own (Ctrl-C in the caller's console does not reach
 # it), and out of the caller's job object where the job allows it (else the second try, without).
