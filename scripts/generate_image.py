@@ -328,6 +328,28 @@ BATCH_GLOBAL_FIELDS = tuple(f for f in BATCH_ITEM_FIELDS if f not in ("prompt", 
 BATCH_TOP_KEYS = ("description", "global", "prompts")
 REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id")
 
+# The gallery page: one self-contained file (no script, font or style from anywhere), readable on a
+# phone, light or dark as the system is. The policy lets it load nothing but its own images.
+GALLERY_POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'"
+GALLERY_STYLE = """
+:root { color-scheme: light dark; --bg: #fafafa; --fg: #1d1d1f; --card: #fff; --muted: #6e6e73; --bad: #c62828; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #161618; --fg: #f2f2f7; --card: #232326; --muted: #a1a1a6; --bad: #ff6b6b; } }
+body { margin: 0; padding: 1rem; background: var(--bg); color: var(--fg); font: 15px/1.45 system-ui, sans-serif; }
+h1 { font-size: 1.3rem; margin: 0 0 .3rem; }
+.totals { color: var(--muted); margin: 0 0 1rem; }
+main { display: grid; gap: 1rem; grid-template-columns: repeat(auto-fill, minmax(min(100%, 260px), 1fr)); }
+article { background: var(--card); border-radius: 10px; padding: .7rem; box-shadow: 0 1px 3px #0002; }
+article.failed { outline: 2px solid var(--bad); }
+article img { display: block; width: 100%; height: 220px; object-fit: contain; background: #8881; }
+.none { height: 220px; display: grid; place-items: center; color: var(--muted); background: #8881; }
+h2 { font-size: 1rem; margin: .5rem 0 .2rem; }
+.prompt { white-space: pre-wrap; overflow-wrap: anywhere; margin: .2rem 0; }
+dl { display: grid; grid-template-columns: auto 1fr; gap: 0 .6rem; margin: .4rem 0 0; color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.error { color: var(--bad); overflow-wrap: anywhere; }
+"""
+
 # Jobs: one record per command in the state folder; the worker owns the request from sending to saving.
 ENV_STATE_DIR = "APIYI_STATE_DIR"
 ENV_WORKER = "APIYI_WORKER"
@@ -569,6 +591,7 @@ class OutputPlan:
     keep_partials: bool = False
     auto_named: bool = False       # no -f: the name is made up, so a re-run would not repeat it
     strict: bool = False           # --strict-size: another size, format or frame count than asked is exit 10
+    gallery: bool = False          # --gallery: NAME.html beside the image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,6 +730,11 @@ class BatchPlan:
     jobs: int
     warnings: tuple[str, ...] = ()
     max_cost: Optional[float] = None    # --max-cost: no item starts that could take the spend past it
+    gallery: bool = True                # FILE.html beside the manifest (--no-gallery: none)
+
+    @property
+    def gallery_path(self) -> Path:
+        return self.manifest.with_name(self.manifest.name[:-len(".results.jsonl")] + ".html")
 
     @property
     def to_run(self) -> list[BatchItem]:
@@ -1581,7 +1609,8 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
         size, size_note = resolve_size(None if "size" in left_out else args.size, args.resolution, profile, fmt=fmt,
                                        frames=args.frames or 9, first_input=images[0] if images else None)
     output = OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials,
-                        auto_named=args.filename is None and default_stem is None, strict=args.strict_size)
+                        auto_named=args.filename is None and default_stem is None, strict=args.strict_size,
+                        gallery=bool(getattr(args, "gallery", False)))
     with about("filename"):
         check_name_lengths(output, args.n or 1)
         check_output_folder(path.parent, create=create_folder)
@@ -1853,7 +1882,8 @@ def plan_batch(args: argparse.Namespace) -> BatchPlan:
     for (number, job), fingerprint in zip(jobs, fingerprints):
         proven = tuple(shown_path(p) for p in done.get(fingerprint, ()))
         items.append(BatchItem(number, job, proven if len(proven) == job.n else (), fingerprint))
-    return BatchPlan(source, description, tuple(items), manifest, args.jobs or DEFAULT_JOBS, tuple(warnings))
+    return BatchPlan(source, description, tuple(items), manifest, args.jobs or DEFAULT_JOBS, tuple(warnings),
+                     gallery=not args.no_gallery)
 
 
 def check_manifest_link(manifest: Path) -> None:
@@ -3314,6 +3344,74 @@ def write_metadata(saved: SavedImage, metadata: Mapping[str, Any], *, overwrite:
                      replace=overwrite)[0]
 
 
+def gallery_html(title: str, totals: str, entries: Sequence[Mapping[str, Any]]) -> str:
+    """The page: totals, then a card per item; every text from a prompt or a server is escaped."""
+    import html
+
+    cards = "\n".join(gallery_card(entry) for entry in entries)
+    return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<meta http-equiv="Content-Security-Policy" content="{GALLERY_POLICY}">'
+            f"<title>{html.escape(title)}</title><style>{GALLERY_STYLE}</style></head>\n"
+            f'<body><header><h1>{html.escape(title)}</h1><p class="totals">{html.escape(totals)}</p></header>\n'
+            f"<main>\n{cards}\n</main></body></html>\n")
+
+
+def gallery_card(entry: Mapping[str, Any]) -> str:
+    """One item: its images (a thumbnail the browser scales, a link to the file), prompt and facts."""
+    import html
+
+    images = "".join(f'<a href="{gallery_href(path)}"><img src="{gallery_href(path)}" alt="item {entry["item"]}">'
+                     f"</a>" for path in entry.get("paths") or ())
+    facts = "".join(f"<dt>{name}</dt><dd>{html.escape(str(value))}</dd>" for name, value in gallery_facts(entry))
+    error = entry.get("error") or {}
+    failure = "".join(f'<p class="error">{html.escape(str(error[k]))}</p>' for k in ("message", "hint") if error.get(k))
+    return (f'<article class="{html.escape(entry["status"])}">{images or "<div class=none>no image</div>"}'
+            f'<h2>#{entry["item"]} · {html.escape(entry["status"])}</h2>'
+            f'<p class="prompt">{html.escape(entry.get("prompt") or "")}</p><dl>{facts}</dl>{failure}</article>')
+
+
+def gallery_href(path: str) -> str:
+    from urllib.parse import quote
+
+    return Path(path).as_uri() if os.path.isabs(path) else quote(Path(path).as_posix())
+
+
+def gallery_facts(entry: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    both = (entry.get("requested_and_real") or [{}])[0]
+    cost = entry.get("cost") or {}
+    facts = [("model", entry.get("model")), ("quality", entry.get("quality")),
+             ("size", " → ".join(str(s) for s in (both.get("size_requested"), both.get("size_real")) if s)),
+             ("format", both.get("format_real")), ("time", f"{entry['elapsed_s']:.0f} s" if entry.get("elapsed_s")
+                                                   else None),
+             ("cost", f"${cost['usd']:.4f}" if cost.get("usd") is not None else None)]
+    return [(name, value) for name, value in facts if value]
+
+
+def single_gallery(job: ImageJob, saved: Sequence[SavedImage], received: Received,
+                   cost: Optional[Mapping[str, Any]], problem: Optional[ToolError]) -> Optional[str]:
+    """--gallery for one run: NAME.html beside the image, the same page as a batch's."""
+    page = job.output.path.with_suffix(".html")
+    entry = {"item": 1, "prompt": job.prompt, "status": "failed" if problem else "ok",
+             "paths": [manifest_path(str(image.path), page.parent) for image in saved],
+             "model": job.fields["model"], "quality": job.fields.get("quality", "auto"),
+             "requested_and_real": [requested_and_real(job, image) for image in saved],
+             "elapsed_s": received.elapsed_s, "cost": cost,
+             "error": {"message": problem.message, "hint": problem.hint} if problem else None}
+    return write_gallery(page, job.output.path.name, f"{len(saved)} image{'s' * (len(saved) != 1)}"
+                         + (f"; {cost_text(cost)}" if cost else ""), [entry])
+
+
+def write_gallery(path: Path, title: str, totals: str, entries: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """Rewritten whole and atomically, so a reader reloading it never sees half a page; a failure is
+    a warning (returned), never a lost image."""
+    try:
+        write_file_atomic(path, gallery_html(title, totals, entries).encode("utf-8"))
+    except OSError as err:
+        return f"the gallery {path} could not be written: {err.strerror or err}"
+    return None
+
+
 def first_revised_prompt(meta: Mapping[str, Any]) -> Optional[str]:
     items = meta.get("data") or []
     return next((i["revised_prompt"] for i in items if isinstance(i, dict) and i.get("revised_prompt")), None)
@@ -3385,6 +3483,8 @@ def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: 
                                     hint="use the printed path, or move the file where you want it")
     partials = settle_previews(received.preview_paths, keep=job.output.keep_partials, arrived=arrived)
     problem = problem or strict_size_error(job, saved)
+    if job.output.gallery:
+        warnings += [w for w in [single_gallery(job, saved, received, cost, problem)] if w]
     return RunResult(job, tuple(saved), meta, received.request_id, received.elapsed_s,
                      tuple(warnings + size_warnings(job, saved)), problem, previews=received.previews,
                      partials=partials, cost=cost)
@@ -3585,7 +3685,8 @@ def request_fingerprint(job: ImageJob, base_url: str) -> str:
     asked = {"url": base_url + job.endpoint, "fields": job.fields,
              "inputs": [file_digest(f.path) for f in job.images],
              "mask": file_digest(job.mask.path) if job.mask else None, "target": target,
-             "output": [output.format, output.overwrite, output.metadata, output.keep_partials, output.strict]}
+             "output": [output.format, output.overwrite, output.metadata, output.keep_partials, output.strict,
+                        output.gallery]}
     return text_digest(json.dumps(asked, sort_keys=True, ensure_ascii=False))
 
 
@@ -3618,7 +3719,7 @@ def plan_from_plain(plain: Mapping[str, Any]) -> BatchPlan:
     items = tuple(BatchItem(i["number"], job_from_plain(i["job"]), tuple(Path(p) for p in i["done_paths"]),
                             i.get("fingerprint", ""), i.get("cost_high")) for i in plain["items"])
     return BatchPlan(Path(plain["source"]), plain["description"], items, Path(plain["manifest"]), plain["jobs"],
-                     max_cost=plain.get("max_cost"))
+                     max_cost=plain.get("max_cost"), gallery=plain.get("gallery", True))
 
 
 def config_to_plain(config: ApiConfig) -> dict[str, Any]:
@@ -4066,6 +4167,8 @@ class BatchRun:
         self.stop_error: Optional[ToolError] = None     # set: no new item starts
         self.crashed = False                            # an item ended in a bug (exit 1)
         self.spent = 0.0                                # USD of the items that ended (--max-cost)
+        self.lines: dict[int, dict[str, Any]] = {}      # each ended item's manifest line, for the gallery
+        self.started = time.monotonic()
         self.reserved: dict[int, float] = {}            # the most each item in flight may cost
         self.workers_left = 0
         self.all_done = threading.Event()
@@ -4176,6 +4279,22 @@ class BatchRun:
                 self.worker.emit("warning", message=f"the manifest {self.plan.manifest} could not be written: "
                                                     f"{err.strerror or err}")
             self.worker.emit("item_done", record=record)
+            self.lines[record["item"]] = manifest_line(record, self.plan.manifest.parent)
+            problem = self.refresh_gallery() if self.plan.gallery else None
+        if problem:
+            self.worker.emit("warning", message=problem)
+
+    def refresh_gallery(self) -> Optional[str]:
+        """The page as the batch stands: each ended item as the manifest has it, the others not run yet."""
+        entries = [self.lines.get(item.number) or {"item": item.number, "prompt": item.job.prompt,
+                                                   "status": "not_run"} for item in self.plan.items]
+        counts = {status: sum(e["status"] == status for e in entries)
+                  for status in ("ok", "failed", "skipped", "not_run")}
+        spent = total_cost(list(self.lines.values()))
+        totals = (f"{counts['ok']} done, {counts['failed']} failed, {counts['skipped']} skipped, {counts['not_run']} "
+                  f"not run; {clock(time.monotonic() - self.started)}" + (f"; {cost_text(spent)}" if spent else ""))
+        title = self.plan.description or self.plan.source.name
+        return write_gallery(self.plan.gallery_path, title, totals, entries)
 
     def wait(self) -> None:
         while not self.all_done.wait(0.1):
@@ -5075,8 +5194,7 @@ def batch_estimate(count: int, jobs: int, seconds: tuple[int, int]) -> str:
 def append_manifest(path: Path, record: Mapping[str, Any]) -> None:
     """Appended and synced as each item ends, never rewritten: a crash loses nothing recorded. Paths
     are relative to the manifest's folder; a torn last line gets its line end first."""
-    line = dict(record, target=manifest_path(record["target"], path.parent),
-                paths=[manifest_path(p, path.parent) for p in record["paths"]])
+    line = manifest_line(record, path.parent)
     with open(path, "a+b") as handle:
         handle.seek(0, os.SEEK_END)
         torn = False
@@ -5086,6 +5204,11 @@ def append_manifest(path: Path, record: Mapping[str, Any]) -> None:
         handle.write((b"\n" if torn else b"") + json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def manifest_line(record: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    return dict(record, target=manifest_path(record["target"], folder),
+                paths=[manifest_path(p, folder) for p in record["paths"]])
 
 
 def manifest_path(path: str, folder: Path) -> str:
@@ -5286,7 +5409,10 @@ def run_batch(plan: BatchPlan, config: ApiConfig, console: Console, env: Mapping
                         prompt=plan.description or str(plan.source), targets=[str(plan.manifest)], manifest=manifest)
     start = find_or_start_job(open_state_folder(env), record, key=config.api_key, env=env, console=console)
     done = begin_job(start, console, detach=args.detach)
-    return done if done is not None else follow_job(start, console, max_wait=args.max_wait)
+    code = done if done is not None else follow_job(start, console, max_wait=args.max_wait)
+    if code == EXIT_OK and args.open and not args.detach and plan.gallery:
+        open_in_viewer(plan.gallery_path, console)
+    return code
 
 
 def run_single(job: ImageJob, config: ApiConfig, console: Console, env: Mapping[str, str],
@@ -5298,7 +5424,37 @@ def run_single(job: ImageJob, config: ApiConfig, console: Console, env: Mapping[
     if not start.attached:
         console.progress(start_line(job))
     done = begin_job(start, console, detach=args.detach)
-    return done if done is not None else follow_job(start, console, max_wait=args.max_wait)
+    code = done if done is not None else follow_job(start, console, max_wait=args.max_wait)
+    if code == EXIT_OK and args.open and not args.detach:
+        saved = ((read_record(start.files.record) or {}).get("result") or {}).get("files") or []
+        open_in_viewer(rebase(Path(saved[0]["path"]), start.record["cwd"]) if saved else job.output.path, console)
+    return code
+
+
+def viewer_command(path: Path, platform: str) -> Optional[list[str]]:
+    """How the system shows a file: open on macOS, xdg-open elsewhere; None on Windows, where
+    os.startfile does what start does in a console."""
+    if platform == "win32":
+        return None
+    return ["open" if platform == "darwin" else "xdg-open", str(path)]
+
+
+def open_in_viewer(path: Path, console: Console, platform: str = sys.platform) -> None:
+    """--open: the viewer is started on its own and not waited for; no viewer is a warning."""
+    import subprocess
+
+    command = viewer_command(path, platform)
+    try:
+        if command is None:
+            os.startfile(str(path))  # type: ignore[attr-defined]   # Windows only
+        else:
+            viewer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+            threading.Thread(target=viewer.wait, daemon=True).start()     # reaped when it ends, never waited for
+    except (OSError, AttributeError) as err:
+        viewer = command[0] if command else "the Windows shell"
+        console.warn(f"could not open {path} with {viewer} ({getattr(err, 'strerror', None) or err}): "
+                     "open it yourself")
 
 
 def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
@@ -5407,6 +5563,10 @@ def build_parser() -> CliParser:
                              % GIF_FRAME_MS)
     output.add_argument("--svg-model", metavar="NAME",
                         help="SVG on gpt-image-2.6: the model that writes it (e.g. gpt-5.6-terra; billed too)")
+    output.add_argument("--gallery", action="store_true",
+                        help="also write NAME.html beside the image: a page to look at it (batches always get one)")
+    output.add_argument("--open", action="store_true",
+                        help="after success, open the image (a batch: its gallery) in the system's viewer")
     output.add_argument("--strict-size", action="store_true",
                         help=f"an image saved at another size, format or frame count than asked ends with exit "
                              f"{EXIT_MISMATCH} (the file is kept)")
@@ -5434,6 +5594,8 @@ def build_parser() -> CliParser:
                             "Flags give defaults; the file's global block and items override them")
     batch.add_argument("--out-dir", metavar="DIR",
                        help="write the images and FILE.results.jsonl here (default: beside the batch file)")
+    batch.add_argument("--no-gallery", action="store_true",
+                       help="do not write FILE.html, the page that shows every item as it finishes")
     batch.add_argument("--max-cost", type=positive_dollars, metavar="USD",
                        help="refuse a run that may cost more (its high estimate), and start no batch item that "
                             "could take the spend past it")

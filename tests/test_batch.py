@@ -128,7 +128,7 @@ def test_out_dir_receives_images_and_manifest(online: CliRunner, isolated: Path)
     results = isolated / "results"
     assert run.out.splitlines() == [str(Path("results") / "01-a-red-fox.png"), str(Path("results") / "birds/owl.png")]
     assert sorted(p.relative_to(results).as_posix() for p in results.rglob("*")) == [
-        "01-a-red-fox.png", "b.results.jsonl", "birds", "birds/owl.png"]
+        "01-a-red-fox.png", "b.html", "b.results.jsonl", "birds", "birds/owl.png"]
     assert not list((isolated / "in").glob("*.png"))
 
 
