@@ -35,6 +35,7 @@ environment:
   APIYI_STATE_DIR  where job records live (default: the per-user state folder)
   APIYI_WORKER     process (default); inprocess runs the job inside the command
   APIYI_IMAGE_MODEL  the default --model (else gpt-image-2); see --list-models
+  APIYI_PRICE_MULTIPLIER  scales every price (a token group billed at, e.g., 1.2)
 
 exit codes:
   0    every requested image written
@@ -45,7 +46,8 @@ exit codes:
   5    service unavailable or unusable answer, after retries: retry later
   6    timed out or dropped after sending: may have been billed, not retried
   7    image received but saved only to the fallback path printed
-  8    batch finished, but some items failed: run it again to make only those
+  8    batch finished, but some items failed or --max-cost stopped it: run it
+       again to make only those
   9    still running (--max-wait): run the same command again, or --attach ID
   10   --strict-size: saved, but not the size, format or frame count asked
   129  hung up (SIGHUP)      after the request was sent, the job goes on:
@@ -179,19 +181,17 @@ FREE = SIZE_RULES["free"]
 FIELD_SETTINGS = {"frame_count": "frames", "frame_duration_ms": "frames", "svg": "svg_model",
                   "partial_images": "stream"}
 
-# The models and channels APIYI serves on these endpoints, one row each (sources: references/models.md).
-# A row drives validation, the request and the estimates: the settings it takes ("accepts"), those its
-# channel ignores (not sent, one warning), its qualities and output formats, its size rule, the most
-# images per request (flat channels bill every n but may make one), how it bills, and the usual
-# seconds for one image. A model not in the table is sent as given under UNKNOWN_MODEL.
 # USD per million tokens on the official line (gpt-image-2, 2.5, 2.6), as OpenAI and APIYI publish them,
-# checked 2026-11 (references/models.md). A token group billed at another rate sets APIYI_PRICE_MULTIPLIER.
-TOKEN_PRICES = {"text_input": 5.0, "cached_text_input": 1.25, "image_input": 8.0, "cached_image_input": 2.0,
-                "image_output": 30.0}
+# checked 2026-11 (references/models.md). The Images API reports no cached tokens. A token group billed at
+# another rate (APIYI's enterprise group: 1.2) sets APIYI_PRICE_MULTIPLIER.
+TOKEN_PRICES = {"text_input": 5.0, "image_input": 8.0, "image_output": 30.0}
 ENV_PRICE_MULTIPLIER = "APIYI_PRICE_MULTIPLIER"
+PRICE_MULTIPLIER_RANGE = (0.01, 100.0)
+MAX_COST_USD = 1_000_000.0
+MAX_USAGE_TOKENS = 10 ** 8         # more than any image can use: a larger count in usage is unreadable
 # Output tokens of one image, from OpenAI's calculator for gpt-image-2 (a forum reading of its code that
-# reproduces every published figure): q by quality; 2.5 has its own q (APIYI's measurements); 2.6 low and
-# medium are not published (references/models.md). tokens = ceil(q * saf * (2e6 + w*h) / 4e6), saf below.
+# reproduces every published figure): a factor by quality; 2.5 has its own (APIYI's measurements); 2.6 low
+# and medium are not published (references/models.md). See output_tokens().
 GPT_IMAGE_2_FACTORS = {"low": 16, "medium": 48, "high": 96}
 GPT_IMAGE_2_5_FACTORS = {"low": 16, "medium": 24, "high": 48, "xhigh": 64, "max": 96}
 GPT_IMAGE_2_6_FACTORS = {"high": 48, "xhigh": 64, "max": 96}
@@ -199,6 +199,12 @@ PARTIAL_IMAGE_TOKENS = 100          # each streamed preview is billed as this ma
 AUTO_SIZES = ("1024x1024", "1536x1024", "1024x1536")   # what "auto" may choose, for the bounds
 INPUT_IMAGE_PATCH, INPUT_IMAGE_MAX_PATCHES = 32, 1536  # an input image costs a token per 32 px patch, at most
 PROMPT_OVERHEAD_TOKENS = 6
+
+# The models and channels APIYI serves on these endpoints, one row each (sources: references/models.md).
+# A row drives validation, the request and the estimates: the settings it takes ("accepts"), those its
+# channel ignores (not sent, one warning), its qualities and output formats, its size rule, the most
+# images per request (flat channels bill every n but may make one), how it bills, and the usual
+# seconds for one image. A model not in the table is sent as given under UNKNOWN_MODEL.
 OFFICIAL_SETTINGS = ("size", "quality", "n", "background", "moderation", "output_compression", "mask", "stream")
 BASE_QUALITIES = QUALITIES[:4]
 MODEL_PROFILES: dict[str, dict[str, Any]] = {
@@ -230,7 +236,8 @@ MODEL_PROFILES: dict[str, dict[str, Any]] = {
                         "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
                         "sizes": "long-edge-1536", "real_size_differs": True,
                         "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
-    "gpt-image-2.5-all": {"line": "flat", "billing": "flat per image", "seconds": (30, 90), "qualities": (),
+    "gpt-image-2.5-all": {"line": "flat", "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (30, 90),
+                          "qualities": (),
                           "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
                           "sizes": "long-edge-1536", "real_size_differs": True,
                           "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
@@ -278,11 +285,17 @@ NOT_RETRIED_5XX = frozenset({524})
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 8.0
 RETRY_AFTER_MAX_S = 120.0
+# A 429 without Retry-After: at least this long, doubling (gateways answer 0.5 s retries with more 429s).
+RATE_LIMIT_INITIAL_S = 2.0
+# How long to wait, when a gateway says so only in words ("try again in 5 seconds", "请在 5 秒后重试").
+WAIT_IN_WORDS = (re.compile(r"(?:try again|retry)(?: after| in)?\s*(\d+(?:\.\d+)?)\s*"
+                            r"(ms|milliseconds?|s|secs?|seconds?)\b", re.I),
+                 re.compile(r"(\d+(?:\.\d+)?)\s*(秒|毫秒)\s*后\s*(?:再)?重试"))
 REFUSED_STATUSES = frozenset({400, 404, 413, 415, 422})
 # A content-safety block: by its code, or by its words when a gateway rewrote the code (LiteLLM sends
 # "400" with OpenAI's message). Never retried: the same request is refused again, and may be billed.
 SAFETY_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
-SAFETY_WORDS = re.compile(r"safety system|moderation_blocked|content[ _]policy|safety_violations", re.I)
+SAFETY_WORDS = re.compile(r"safety system|moderation|content[ _]policy|safety_violations|违反|安全|审核", re.I)
 SAFETY_HINT = ("the safety system refused it: rephrase the prompt or change the image (an agent asks the user "
                "how, and keeps their words); the same request is refused again")
 AUTH_STATUSES = frozenset({401, 402, 403})
@@ -326,11 +339,15 @@ TEXT_SETTINGS = (("filename", "-f"), ("model", "--model"), ("mask", "-m"), ("inp
                  ("svg_model", "--svg-model"))
 BATCH_GLOBAL_FIELDS = tuple(f for f in BATCH_ITEM_FIELDS if f not in ("prompt", "filename"))
 BATCH_TOP_KEYS = ("description", "global", "prompts")
-REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id")
+# Where gateways put a request id, first found wins; cf-ray (Cloudflare's) only when nothing else is there.
+REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-oneapi-request-id",
+                      "x-new-api-request-id", "x-litellm-call-id", "cf-ray")
 
 # The gallery page: one self-contained file (no script, font or style from anywhere), readable on a
 # phone, light or dark as the system is. The policy lets it load nothing but its own images.
 GALLERY_POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'"
+# A page carrying this is ours to rewrite; any other file of that name is left alone.
+GALLERY_MARKER = '<meta name="generator" content="apiyi-gpt-image-2-gen gallery">'
 GALLERY_STYLE = """
 :root { color-scheme: light dark; --bg: #fafafa; --fg: #1d1d1f; --card: #fff; --muted: #6e6e73; --bad: #c62828; }
 @media (prefers-color-scheme: dark) {
@@ -706,6 +723,7 @@ class RunResult:
     previews: Optional[int] = None             # previews received, when streamed
     partials: tuple[Path, ...] = ()            # preview files kept (--keep-partials)
     cost: Optional[dict[str, Any]] = None      # what it cost, from usage or the flat price (cost_of)
+    request_id_header: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -764,7 +782,7 @@ def positive_dollars(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{short_name(text)!r} is not an amount in US dollars") from None
-    if not 0 < value <= 1_000_000:
+    if not 0 < value <= MAX_COST_USD:
         raise argparse.ArgumentTypeError(f"{value:g} must be above 0 and at most 1000000")
     return value
 
@@ -1511,10 +1529,12 @@ def estimate_cost(job: ImageJob, multiplier: float, history: Sequence[int] = ())
     if profile.price_per_image is not None:
         usd = round(profile.price_per_image * job.n * multiplier, 4)
         return {"low": usd, "high": usd, "basis": "per_image", "source": "the flat price"}
-    bounds = (min(history), max(history)) if history else output_token_bounds(job, profile)
-    if bounds is None:
+    table = output_token_bounds(job, profile)
+    bounds = (min(history), max(history + [table[1]] if table else history)) if history else table
+    if bounds is None or job.output.format in ("gif", "svg"):
+        why = {"gif": "GIF frames have no published token figure", "svg": "an SVG's author model is not priced"}
         return {"low": None, "high": None, "basis": "tokens" if profile.line == "official" else "unknown",
-                "source": "no published figure for this model and quality"}
+                "source": why.get(job.output.format, "no published figure for this model and quality")}
     text_low, text_high, images = input_token_bounds(job)
     low = token_usd(text_low, images, bounds[0], multiplier) * job.n
     high = token_usd(text_high, images, bounds[1], multiplier) * job.n
@@ -1882,8 +1902,12 @@ def plan_batch(args: argparse.Namespace) -> BatchPlan:
     for (number, job), fingerprint in zip(jobs, fingerprints):
         proven = tuple(shown_path(p) for p in done.get(fingerprint, ()))
         items.append(BatchItem(number, job, proven if len(proven) == job.n else (), fingerprint))
-    return BatchPlan(source, description, tuple(items), manifest, args.jobs or DEFAULT_JOBS, tuple(warnings),
+    plan = BatchPlan(source, description, tuple(items), manifest, args.jobs or DEFAULT_JOBS, tuple(warnings),
                      gallery=not args.no_gallery)
+    if plan.gallery and not gallery_is_ours(plan.gallery_path):
+        raise UsageError(f"{plan.gallery_path} exists and is not a gallery this tool wrote", field="gallery",
+                         hint="move it, or pass --no-gallery")
+    return plan
 
 
 def check_manifest_link(manifest: Path) -> None:
@@ -1991,9 +2015,9 @@ def price_multiplier(env: Mapping[str, str]) -> float:
         value = float(text) if text else 1.0
     except ValueError:
         value = math.nan
-    if not 0 < value <= 100:
+    if not PRICE_MULTIPLIER_RANGE[0] <= value <= PRICE_MULTIPLIER_RANGE[1]:
         raise UsageError(f"{ENV_PRICE_MULTIPLIER}={short_name(clean_text(text))!r} is not a price multiplier",
-                         hint="a number such as 1.2 (above 0, at most 100), or unset it")
+                         hint="a number such as 1.2 (0.01 to 100), or unset it")
     return value
 
 
@@ -2029,11 +2053,21 @@ def encode_multipart(fields: Fields, files: Sequence[tuple[str, InputFile]], *,
                         f"{form_value(value)}\r\n".encode("utf-8"))
     for name, upload in files:
         segments.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{quote_form_param(name)}"; '
-                        f'filename="{quote_form_param(upload.path.name)}"\r\n'
+                        f'filename="{quote_form_param(upload_name(upload))}"\r\n'
                         f"Content-Type: {upload.info.content_type}\r\n\r\n".encode("utf-8"))
         segments.extend((upload, b"\r\n"))
     segments.append(f"--{boundary}--\r\n".encode("ascii"))
     return MultipartBody(boundary, tuple(segments))
+
+
+def upload_name(upload: InputFile) -> str:
+    """The file's name with its real format's extension: some gateways (new-api) label a part's type
+    by the name, not by its Content-Type (a JPEG named photo.png would go on as a PNG)."""
+    name = upload.path.name
+    if EXTENSION_FORMATS.get(upload.path.suffix.lower()) == upload.info.format:
+        return name
+    stem = upload.path.stem if upload.path.suffix.lower() in EXTENSION_FORMATS else name
+    return stem + FORMAT_EXTENSIONS[upload.info.format]
 
 
 def read_file_chunks(upload: InputFile) -> Iterator[bytes]:
@@ -2594,6 +2628,27 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
     return max(0.0, when.timestamp() - time.time())
 
 
+def asked_wait(response: HttpResponse) -> Optional[float]:
+    milliseconds = (response.headers.get("retry-after-ms") or "").strip()
+    if re.fullmatch(r"\d{1,9}(\.\d+)?", milliseconds):
+        return float(milliseconds) / 1000
+    wait = parse_retry_after(response.headers.get("retry-after"))
+    if wait is not None:
+        return wait
+    text = str(parse_error_body(response.body).get("message") or "")
+    for pattern in WAIT_IN_WORDS:
+        found = pattern.search(text)
+        if found:
+            return float(found.group(1)) / (1000 if found.group(2).lower().startswith(("ms", "milli", "毫")) else 1)
+    return None
+
+
+def random_between(low: float, high: float) -> float:
+    import random
+
+    return random.uniform(low, high)
+
+
 def backoff_delay(attempt: int) -> float:
     """Exponential from 0.5 s to 8 s with jitter, so parallel clients do not retry in step."""
     import random
@@ -2621,9 +2676,12 @@ def should_retry(response: HttpResponse) -> bool:
 
 
 def retry_delay(response: HttpResponse, attempt: int) -> float:
-    wait = parse_retry_after(response.headers.get("retry-after"))
+    """The wait the gateway asks for (retry-after-ms, Retry-After, or in its message's words), else a
+    backoff: from 2 s for a 429, from 0.5 s for anything else."""
+    wait = asked_wait(response)
     if wait is None:
-        return backoff_delay(attempt)
+        return backoff_delay(attempt) if response.status != 429 else \
+            min(RETRY_AFTER_MAX_S, RATE_LIMIT_INITIAL_S * 2 ** attempt) * random_between(1.0, 1.25)
     if wait > RETRY_AFTER_MAX_S:
         when = time.strftime("%H:%M:%S", time.localtime(time.time() + wait))
         raise ServiceError(f"HTTP {response.status}: the server asks to wait {wait:.0f} s before retrying",
@@ -2731,6 +2789,10 @@ def request_id_of(headers: Mapping[str, str]) -> str:
     return next((headers[h] for h in REQUEST_ID_HEADERS if headers.get(h)), "")
 
 
+def request_id_header(headers: Mapping[str, str]) -> str:
+    return next((h for h in REQUEST_ID_HEADERS if headers.get(h)), "")
+
+
 def status_hint(status: int, code: str, config: ApiConfig) -> str:
     if is_account_problem(status, code):
         return f"check {ENV_API_KEY} (or -k) and the balance of the account at https://api.apiyi.com"
@@ -2762,7 +2824,8 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
     else:
         text = body_excerpt(str(error.get("message") or "")) or body_excerpt(response.body) or "(empty body)"
     message = f"HTTP {status}: {text}" + (f" ({', '.join(details)})" if details else "")
-    if not 300 <= status < 400 and is_safety_refusal(code, str(error.get("message") or "")):
+    if not 300 <= status < 400 and error.get("param") != "moderation" and \
+            is_safety_refusal(code, str(error.get("message") or "")):
         return safety_refusal(message, str(error.get("message") or ""), status=status, code=code,
                               body=short_body(response.body))
     cls: type[ToolError] = ServiceError
@@ -3351,7 +3414,7 @@ def gallery_html(title: str, totals: str, entries: Sequence[Mapping[str, Any]]) 
     cards = "\n".join(gallery_card(entry) for entry in entries)
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<meta http-equiv="Content-Security-Policy" content="{GALLERY_POLICY}">'
+            f'<meta http-equiv="Content-Security-Policy" content="{GALLERY_POLICY}">{GALLERY_MARKER}'
             f"<title>{html.escape(title)}</title><style>{GALLERY_STYLE}</style></head>\n"
             f'<body><header><h1>{html.escape(title)}</h1><p class="totals">{html.escape(totals)}</p></header>\n'
             f"<main>\n{cards}\n</main></body></html>\n")
@@ -3361,14 +3424,20 @@ def gallery_card(entry: Mapping[str, Any]) -> str:
     """One item: its images (a thumbnail the browser scales, a link to the file), prompt and facts."""
     import html
 
-    images = "".join(f'<a href="{gallery_href(path)}"><img src="{gallery_href(path)}" alt="item {entry["item"]}">'
-                     f"</a>" for path in entry.get("paths") or ())
+    images = "".join(gallery_image(path, entry["item"]) for path in entry.get("paths") or ())
     facts = "".join(f"<dt>{name}</dt><dd>{html.escape(str(value))}</dd>" for name, value in gallery_facts(entry))
     error = entry.get("error") or {}
     failure = "".join(f'<p class="error">{html.escape(str(error[k]))}</p>' for k in ("message", "hint") if error.get(k))
     return (f'<article class="{html.escape(entry["status"])}">{images or "<div class=none>no image</div>"}'
             f'<h2>#{entry["item"]} · {html.escape(entry["status"])}</h2>'
             f'<p class="prompt">{html.escape(entry.get("prompt") or "")}</p><dl>{facts}</dl>{failure}</article>')
+
+
+def gallery_image(path: str, item: int) -> str:
+    """A thumbnail linking to the file; an SVG is never linked: opened as a document, a script in it
+    would run outside the page's policy."""
+    image = f'<img src="{gallery_href(path)}" alt="item {item}">'
+    return image if path.lower().endswith(".svg") else f'<a href="{gallery_href(path)}">{image}</a>'
 
 
 def gallery_href(path: str) -> str:
@@ -3381,9 +3450,10 @@ def gallery_facts(entry: Mapping[str, Any]) -> list[tuple[str, Any]]:
     both = (entry.get("requested_and_real") or [{}])[0]
     cost = entry.get("cost") or {}
     facts = [("model", entry.get("model")), ("quality", entry.get("quality")),
-             ("size", " → ".join(str(s) for s in (both.get("size_requested"), both.get("size_real")) if s)),
-             ("format", both.get("format_real")), ("time", f"{entry['elapsed_s']:.0f} s" if entry.get("elapsed_s")
-                                                   else None),
+             ("size", " → ".join(str(s) for s in (both.get("size_requested") or "auto", both.get("size_real")) if s)
+              if both else None),
+             ("format", both.get("format_real")),
+             ("time", f"{entry['elapsed_s']:.0f} s" if isinstance(entry.get("elapsed_s"), (int, float)) else None),
              ("cost", f"${cost['usd']:.4f}" if cost.get("usd") is not None else None)]
     return [(name, value) for name, value in facts if value]
 
@@ -3391,25 +3461,37 @@ def gallery_facts(entry: Mapping[str, Any]) -> list[tuple[str, Any]]:
 def single_gallery(job: ImageJob, saved: Sequence[SavedImage], received: Received,
                    cost: Optional[Mapping[str, Any]], problem: Optional[ToolError]) -> Optional[str]:
     """--gallery for one run: NAME.html beside the image, the same page as a batch's."""
-    page = job.output.path.with_suffix(".html")
+    page = (saved[0].path if saved else job.output.path).with_suffix(".html")     # cat-2.png has cat-2.html
     entry = {"item": 1, "prompt": job.prompt, "status": "failed" if problem else "ok",
              "paths": [manifest_path(str(image.path), page.parent) for image in saved],
              "model": job.fields["model"], "quality": job.fields.get("quality", "auto"),
              "requested_and_real": [requested_and_real(job, image) for image in saved],
              "elapsed_s": received.elapsed_s, "cost": cost,
              "error": {"message": problem.message, "hint": problem.hint} if problem else None}
-    return write_gallery(page, job.output.path.name, f"{len(saved)} image{'s' * (len(saved) != 1)}"
-                         + (f"; {cost_text(cost)}" if cost else ""), [entry])
+    totals = (f"{entry['status']}: {len(saved)} image{'s' * (len(saved) != 1)} in {received.elapsed_s:.0f} s"
+              + (f"; {cost_text(cost)}" if cost else ""))
+    return write_gallery(page, job.output.path.name, totals, [entry])
 
 
 def write_gallery(path: Path, title: str, totals: str, entries: Sequence[Mapping[str, Any]]) -> Optional[str]:
     """Rewritten whole and atomically, so a reader reloading it never sees half a page; a failure is
     a warning (returned), never a lost image."""
     try:
+        if not gallery_is_ours(path):
+            return f"the gallery was not written: {path} exists and is not one of this tool's pages"
         write_file_atomic(path, gallery_html(title, totals, entries).encode("utf-8"))
     except OSError as err:
         return f"the gallery {path} could not be written: {err.strerror or err}"
     return None
+
+
+def gallery_is_ours(path: Path) -> bool:
+    """No such file yet, or a page this tool wrote (its marker is in the first bytes)."""
+    try:
+        with open(path, "rb") as handle:
+            return GALLERY_MARKER.encode() in handle.read(4096)
+    except FileNotFoundError:
+        return True
 
 
 def first_revised_prompt(meta: Mapping[str, Any]) -> Optional[str]:
@@ -3431,6 +3513,7 @@ class Received:
     streamed: bool = False                         # the spool holds an event stream, not JSON
     previews: Optional[int] = None                 # previews received, when streamed
     preview_paths: tuple[Path, ...] = ()
+    request_id_header: str = ""                    # which header the gateway put its request id in
 
 
 def answer_cap(job: ImageJob) -> int:
@@ -3461,7 +3544,8 @@ def fetch_answer(job: ImageJob, config: ApiConfig, *, spool: Path, emit: Emit,
             err.message += f"; the last preview is kept at {kept}"
         raise
     return Received(request_id_of(response.headers), time.monotonic() - started, response.streamed,
-                    previews.count if previews else None, tuple(previews.paths) if previews else ())
+                    previews.count if previews else None, tuple(previews.paths) if previews else (),
+                    request_id_header(response.headers))
 
 
 def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: ApiConfig) -> RunResult:
@@ -3487,7 +3571,7 @@ def save_spooled_answer(job: ImageJob, spool: Path, received: Received, config: 
         warnings += [w for w in [single_gallery(job, saved, received, cost, problem)] if w]
     return RunResult(job, tuple(saved), meta, received.request_id, received.elapsed_s,
                      tuple(warnings + size_warnings(job, saved)), problem, previews=received.previews,
-                     partials=partials, cost=cost)
+                     partials=partials, cost=cost, request_id_header=received.request_id_header)
 
 
 def save_all(job: ImageJob, sources: Sequence[ImageSource], spool: Path,
@@ -3543,24 +3627,34 @@ def cost_of(job: ImageJob, meta: Mapping[str, Any], multiplier: float) -> dict[s
     if profile.price_per_image is not None:
         return {"usd": round(profile.price_per_image * job.n * multiplier, 6), "basis": "per_image",
                 "prices": {"per_image": profile.price_per_image, "multiplier": multiplier}}
+    if profile.line != "official":
+        return {"usd": None, "basis": "unknown", "note": "no published price"}
     usage = meta.get("usage")
-    if profile.line != "official" or not isinstance(usage, dict) or not isinstance(usage.get("output_tokens"), int):
-        return {"usd": None, "basis": "tokens" if profile.line == "official" else "unknown",
-                "note": "the answer reported no usage" if profile.line == "official" else "no published price"}
+    if not isinstance(usage, dict):
+        return {"usd": None, "basis": "tokens", "note": "the answer reported no usage"}
     details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
-    image = int(details.get("image_tokens") or 0)
-    text = int(details.get("text_tokens") if isinstance(details.get("text_tokens"), int)
-               else max(0, int(usage.get("input_tokens") or 0) - image))
-    cost = {"usd": round(token_usd(text, image, usage["output_tokens"], multiplier), 6), "basis": "tokens",
-            "prices": {**{k: v for k, v in TOKEN_PRICES.items() if not k.startswith("cached")},
-                       "multiplier": multiplier}}
+    output, image = token_count(usage.get("output_tokens")), token_count(details.get("image_tokens", 0))
+    text = token_count(details["text_tokens"]) if "text_tokens" in details else \
+        max(0, (token_count(usage.get("input_tokens", 0)) or 0) - (image or 0))
+    if output is None or image is None or text is None:
+        return {"usd": None, "basis": "tokens", "note": "the answer's usage is unreadable"}
+    cost = {"usd": round(token_usd(text, image, output, multiplier), 6), "basis": "tokens",
+            "prices": {**TOKEN_PRICES, "multiplier": multiplier}}
     return {**cost, "note": "the SVG author model's tokens are not included"} if meta.get("svg_usage") else cost
+
+
+def token_count(value: Any) -> Optional[int]:
+    """A token count as a server may send it: a whole number in range, else None (never a crash)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_USAGE_TOKENS
+    return value if ok else None
 
 
 def cost_text(cost: Optional[Mapping[str, Any]]) -> str:
     if not cost:
         return ""
-    return f"cost ${cost['usd']:.4f}" if cost.get("usd") is not None else f"cost unknown ({cost.get('note', '')})"
+    if cost.get("usd") is None:
+        return f"cost unknown ({cost.get('note', '')})"
+    return f"cost ${cost['usd']:.4f}" + (f" ({cost['note']})" if cost.get("note") else "")
 
 
 def mismatches(job: ImageJob, image: SavedImage) -> list[str]:
@@ -3735,7 +3829,8 @@ def result_to_plain(result: RunResult) -> dict[str, Any]:
     return {"files": [to_plain(s) for s in result.files], "meta": result.meta, "request_id": result.request_id,
             "elapsed_s": result.elapsed_s, "warnings": list(result.warnings),
             "error": error_document(result.error) if result.error else None, "previews": result.previews,
-            "partials": [str(p) for p in result.partials], "cost": result.cost}
+            "partials": [str(p) for p in result.partials], "cost": result.cost,
+            "request_id_header": result.request_id_header}
 
 
 def result_from_plain(job: ImageJob, plain: Mapping[str, Any]) -> RunResult:
@@ -3743,7 +3838,8 @@ def result_from_plain(job: ImageJob, plain: Mapping[str, Any]) -> RunResult:
                              f["fallback_reason"]) for f in plain["files"])
     error = error_from_document(plain["error"]) if plain["error"] else None
     return RunResult(job, files, plain["meta"], plain["request_id"], plain["elapsed_s"], tuple(plain["warnings"]),
-                     error, plain["previews"], tuple(Path(p) for p in plain["partials"]), plain.get("cost"))
+                     error, plain["previews"], tuple(Path(p) for p in plain["partials"]), plain.get("cost"),
+                     plain.get("request_id_header", ""))
 
 
 def error_from_document(document: Mapping[str, Any]) -> ToolError:
@@ -4150,6 +4246,7 @@ def item_record(item: BatchItem, status: str, *, result: Optional[RunResult] = N
             "requested_and_real": [requested_and_real(item.job, s) for s in files],
             "usage": result.meta.get("usage") if result else None, "cost": result.cost if result else None,
             "model": item.job.fields["model"], "quality": item.job.fields.get("quality", "auto"),
+            "shape": list(request_shape(item.job.fields, item.job.mode)),
             "request_id": (result.request_id or None) if result else None,
             "elapsed_s": round(elapsed_s, 3), "error": error_document(error) if error else None,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -4163,6 +4260,7 @@ class BatchRun:
         self.plan, self.config, self.worker = plan, config, worker
         self.gate = Gate(plan.jobs)
         self.lock = threading.Lock()
+        self.item_ended = threading.Condition(self.lock)    # a budget check waits for the items in flight
         self.pending = list(reversed(plan.to_run))      # taken from the end, so in file order
         self.stop_error: Optional[ToolError] = None     # set: no new item starts
         self.crashed = False                            # an item ended in a bug (exit 1)
@@ -4170,6 +4268,7 @@ class BatchRun:
         self.lines: dict[int, dict[str, Any]] = {}      # each ended item's manifest line, for the gallery
         self.started = time.monotonic()
         self.reserved: dict[int, float] = {}            # the most each item in flight may cost
+        self.seen_cost: dict[tuple, float] = {}         # the most an item of each shape really cost
         self.workers_left = 0
         self.all_done = threading.Event()
 
@@ -4177,6 +4276,10 @@ class BatchRun:
         for item in self.plan.items:
             if item.skipped:
                 self.finish(item_record(item, "skipped"))
+        with self.lock:
+            problem = self.refresh_gallery() if self.plan.gallery else None   # the page is there from the start
+        if problem:
+            self.worker.emit("warning", message=problem)
         workers = min(self.plan.jobs, len(self.pending))
         self.workers_left = workers
         if not workers:
@@ -4185,27 +4288,36 @@ class BatchRun:
             threading.Thread(target=self.work, daemon=True).start()
 
     def take(self) -> Optional[BatchItem]:
+        """The next item, unless the batch stopped; with --max-cost, one that fits what is left once the
+        items in flight have ended (so -j does not change what is made)."""
         with self.lock:
-            if self.stop_error or not self.pending:
-                return None
-            item = self.pending[-1]
-            if self.over_budget(item):
-                self.stop_error = self.budget_error(item)
-                return None
-            self.reserved[item.number] = item.cost_high or 0.0
-            return self.pending.pop()
+            while not self.stop_error and self.pending:
+                item = self.pending[-1]
+                if not self.over_budget(item):
+                    self.reserved[item.number] = self.most_it_may_cost(item)
+                    return self.pending.pop()
+                if not self.reserved:
+                    self.stop_error = self.budget_error(item)
+                    break
+                self.item_ended.wait()
+            return None
+
+    def most_it_may_cost(self, item: BatchItem) -> float:
+        """Its estimate, or what an item of the same shape really cost, whichever is more."""
+        shape = request_shape(item.job.fields, item.job.mode)
+        return max(item.cost_high or 0.0, self.seen_cost.get(shape, 0.0))
 
     def over_budget(self, item: BatchItem) -> bool:
         """What has been spent, plus the most the items in flight and this one may cost."""
         budget = self.plan.max_cost
-        return budget is not None and self.spent + sum(self.reserved.values()) + (item.cost_high or 0.0) > budget
+        return budget is not None and self.spent + sum(self.reserved.values()) + self.most_it_may_cost(item) > budget
 
     def budget_error(self, item: BatchItem) -> ToolError:
-        err = ToolError(f"--max-cost ${self.plan.max_cost:g} reached: ${self.spent:.4f} spent, "
-                        f"${sum(self.reserved.values()):.4f} more may be spent by the items in flight, and item "
-                        f"{item.number} may cost up to ${item.cost_high or 0:.4f}; {len(self.pending)} items not run",
-                        kind="budget", hint="run the same command again with a larger --max-cost: only the items "
-                                            "not made are sent")
+        waiting = ", ".join(str(i.number) for i in reversed(self.pending))
+        err = ToolError(f"--max-cost ${self.plan.max_cost:g} reached: ${self.spent:.4f} spent, and item {item.number} "
+                        f"may cost up to ${self.most_it_may_cost(item):.4f}; not run: item {waiting}",
+                        kind="budget", hint="ask the user before spending more; the same command with a larger "
+                                            "--max-cost sends only the items not made (the budget counts from then)")
         err.exit_code = EXIT_BATCH_PARTIAL
         return err
 
@@ -4223,8 +4335,12 @@ class BatchRun:
         finally:
             with self.lock:
                 self.workers_left -= 1
-                if not self.workers_left:
+                last = not self.workers_left
+                problem = self.refresh_gallery() if last and self.plan.gallery else None  # what was not run
+                if last:
                     self.all_done.set()
+            if problem:
+                self.worker.emit("warning", message=problem)
 
     def run_item(self, item: BatchItem) -> None:
         """A batch thread's boundary: a bug in one item is recorded as that item failing with exit 1
@@ -4272,7 +4388,11 @@ class BatchRun:
         with self.lock:
             cost = (record.get("cost") or {}).get("usd")
             reserved = self.reserved.pop(record["item"], 0.0)
-            self.spent += cost if cost is not None else reserved
+            self.spent += max(0.0, cost) if cost is not None else reserved
+            if cost is not None and record.get("shape"):
+                shape = tuple(record["shape"])
+                self.seen_cost[shape] = max(self.seen_cost.get(shape, 0.0), cost)
+            self.item_ended.notify_all()
             try:
                 append_manifest(self.plan.manifest, record)
             except OSError as err:
@@ -4286,13 +4406,17 @@ class BatchRun:
 
     def refresh_gallery(self) -> Optional[str]:
         """The page as the batch stands: each ended item as the manifest has it, the others not run yet."""
+        def waiting(item: BatchItem) -> str:
+            return "running" if item.number in self.reserved else "not_run" if self.stop_error else "waiting"
+
         entries = [self.lines.get(item.number) or {"item": item.number, "prompt": item.job.prompt,
-                                                   "status": "not_run"} for item in self.plan.items]
+                                                   "status": waiting(item)} for item in self.plan.items]
         counts = {status: sum(e["status"] == status for e in entries)
-                  for status in ("ok", "failed", "skipped", "not_run")}
+                  for status in ("ok", "failed", "skipped", "running", "waiting", "not_run")}
         spent = total_cost(list(self.lines.values()))
         totals = (f"{counts['ok']} done, {counts['failed']} failed, {counts['skipped']} skipped, {counts['not_run']} "
-                  f"not run; {clock(time.monotonic() - self.started)}" + (f"; {cost_text(spent)}" if spent else ""))
+                  f"not run, {counts['running']} running, {counts['waiting']} waiting; "
+                  f"{clock(time.monotonic() - self.started)}" + (f"; {cost_text(spent)}" if spent else ""))
         title = self.plan.description or self.plan.source.name
         return write_gallery(self.plan.gallery_path, title, totals, entries)
 
@@ -5120,6 +5244,7 @@ def result_document(result: RunResult) -> dict[str, Any]:
                                 "usage": result.meta.get("usage"), "cost": result.cost,
                                 "revised_prompt": first_revised_prompt(result.meta),
                                 "request_id": result.request_id or None,
+                                "request_id_header": result.request_id_header or None,
                                 "elapsed_s": round(result.elapsed_s, 3), "warnings": list(result.warnings)}
     if result.previews is not None:
         document["previews"] = result.previews
@@ -5226,32 +5351,35 @@ def total_usage(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return totals
 
 
-def request_shape(fields: Mapping[str, Any]) -> tuple[str, str, str]:
-    return str(fields.get("model")), str(fields.get("size", "auto")), str(fields.get("quality", "auto"))
+def request_shape(fields: Mapping[str, Any], mode: str) -> tuple[str, ...]:
+    """What decides the output tokens of a request: the same shape, the same tokens to expect."""
+    return (str(fields.get("model")), mode, str(fields.get("size", "auto")), str(fields.get("quality", "auto")),
+            str(fields.get("output_format", "png")), str(fields.get("partial_images", 0)))
 
 
 def earlier_output_tokens(env: Mapping[str, str], manifest: Optional[Path] = None) -> dict[tuple, list[int]]:
-    """Output tokens per image that earlier runs really used, by model, size and quality: from the
-    finished jobs in the state folder and a batch's manifest."""
+    """Output tokens per image that earlier runs really used, by request shape: from the finished jobs
+    in the state folder and a batch's manifest. A record of another shape or version is skipped."""
     seen: dict[tuple, list[int]] = {}
     folder = state_folder(env)
-    records = list_records(folder) if folder.is_dir() else []
-    for record in records:
-        usage = ((record.get("result") or {}).get("meta") or {}).get("usage")
-        fields = (record.get("spec") or {}).get("fields")
-        if record.get("kind") == "single" and isinstance(usage, dict) and isinstance(fields, dict):
-            add_tokens(seen, request_shape(fields), usage, int(fields.get("n", 1)))
+    for record in list_records(folder) if folder.is_dir() else []:
+        spec, result = record.get("spec"), record.get("result")
+        if record.get("kind") == "single" and isinstance(spec, dict) and isinstance(result, dict):
+            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
+                fields = spec["fields"]
+                mode = "edit" if spec.get("images") else "generate"
+                add_tokens(seen, request_shape(fields, mode), result["meta"]["usage"], fields.get("n", 1))
     for line in read_manifest(manifest)[0] if manifest else ():
-        if isinstance(line.get("usage"), dict) and line.get("status") == "ok" and line.get("requested_and_real"):
-            size = line["requested_and_real"][0].get("size_requested") or "auto"
-            add_tokens(seen, (str(line.get("model")), size, str(line.get("quality"))), line["usage"],
-                       int(line.get("n") or 1))
+        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError, IndexError):
+            if line["status"] == "ok":
+                add_tokens(seen, tuple(line["shape"]), line["usage"], line.get("n", 1))
     return seen
 
 
-def add_tokens(seen: dict[tuple, list[int]], shape: tuple, usage: Mapping[str, Any], n: int) -> None:
-    if isinstance(usage.get("output_tokens"), int) and n > 0:
-        seen.setdefault(shape, []).append(usage["output_tokens"] // n)
+def add_tokens(seen: dict[tuple, list[int]], shape: tuple, usage: Any, n: Any) -> None:
+    tokens = token_count(usage.get("output_tokens")) if isinstance(usage, dict) else None
+    if tokens and isinstance(n, int) and 0 < n <= MAX_N:
+        seen.setdefault(shape, []).append(tokens // n)
 
 
 def check_budget(estimate: Mapping[str, Any], max_cost: Optional[float], what: str) -> None:
@@ -5274,8 +5402,8 @@ def total_cost(records: Sequence[Mapping[str, Any]]) -> Optional[dict[str, Any]]
         return None
     known = [c["usd"] for c in costs if c.get("usd") is not None]
     unknown = len(costs) - len(known)
-    return {"usd": round(sum(known), 6), "basis": "sum",
-            **({"note": f"{unknown} item{'s' if unknown > 1 else ''} at an unknown cost"} if unknown else {})}
+    note = {"note": f"and {unknown} item{'s' if unknown > 1 else ''} at an unknown cost"} if unknown else {}
+    return {"usd": round(sum(known), 6) if known else None, "basis": "sum", **note}
 
 
 def batch_cost_estimate(estimates: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -5338,7 +5466,8 @@ def check_mode_flags(args: argparse.Namespace) -> None:
     if args.batch is None:
         if args.prompt is None:
             raise UsageError("no prompt: give -p TEXT, or --batch FILE for many images", hint=f"see {PROG} --help")
-        extra = next((flag for flag, value in (("--out-dir", args.out_dir), ("--jobs", args.jobs)) if value), None)
+        extra = next((flag for flag, value in (("--out-dir", args.out_dir), ("--jobs", args.jobs),
+                                               ("--no-gallery", args.no_gallery)) if value), None)
         if extra:
             raise UsageError(f"{extra} applies to --batch only", hint=f"drop {extra}, or add --batch FILE")
         return
@@ -5369,26 +5498,29 @@ def run_batch_command(args: argparse.Namespace, console: Console, env: Mapping[s
             by_text.setdefault(warning, []).append(str(item.number))
     config = connect(args, console, env, [*plan.warnings, *(f"item {', '.join(numbers)}: {text}"
                                                             for text, numbers in by_text.items())])
-    plan, estimates = price_batch(plan, config, env, args.max_cost)
+    plan, estimates = price_batch(plan, config, env, args.max_cost, dry_run=args.dry_run)
     console.event("validated", items=len(plan.items), to_send=len(plan.to_run))
     if args.dry_run:
         return run_batch_dry(plan, config, console, estimates)
     return run_batch(plan, config, console, env, args)
 
 
-def price_batch(plan: BatchPlan, config: ApiConfig, env: Mapping[str, str],
-                max_cost: Optional[float]) -> tuple[BatchPlan, dict[int, dict[str, Any]]]:
+def price_batch(plan: BatchPlan, config: ApiConfig, env: Mapping[str, str], max_cost: Optional[float], *,
+                dry_run: bool) -> tuple[BatchPlan, dict[int, dict[str, Any]]]:
     """Each item to send gets its estimate; with --max-cost every one must be known, and the plan
     carries the budget and each item's most to the worker, which keeps to it."""
-    history = earlier_output_tokens(env, plan.manifest)
+    history = earlier_output_tokens(env, plan.manifest) if dry_run or max_cost is not None else {}
     estimates = {item.number: estimate_cost(item.job, config.price_multiplier,
-                                            history.get(request_shape(item.job.fields), []))
+                                            history.get(request_shape(item.job.fields, item.job.mode), []))
                  for item in plan.to_run}
     unknown = [str(number) for number, estimate in estimates.items() if estimate["high"] is None]
     if max_cost is not None and unknown:
         raise UsageError(f"--max-cost ${max_cost:g}: the cost of item {', '.join(unknown)} cannot be estimated",
                          hint="drop --max-cost, or choose models and qualities with published prices",
                          field="max_cost")
+    first = next(iter(estimates.values()), None)
+    if max_cost is not None and first is not None and first["high"] > max_cost:
+        check_budget(first, max_cost, f"item {plan.to_run[0].number}")
     items = tuple(dataclasses.replace(item, cost_high=estimates[item.number]["high"]) if item.number in estimates
                   else item for item in plan.items)
     return dataclasses.replace(plan, items=items, max_cost=max_cost), estimates
@@ -5474,7 +5606,8 @@ def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, st
     for note in job.notes:
         console.progress(note)
     config = connect(args, console, env, job.warnings)
-    history = earlier_output_tokens(env).get(request_shape(job.fields), [])
+    history = earlier_output_tokens(env).get(request_shape(job.fields, job.mode), []) \
+        if args.dry_run or args.max_cost is not None else []     # read only when the estimate is shown or kept to
     estimate = estimate_cost(job, config.price_multiplier, history)
     check_budget(estimate, args.max_cost, "this request")
     console.event("validated", mode=job.mode, outputs=[str(p) for p in output_paths(job.output, job.n)])

@@ -270,3 +270,47 @@ def test_failed_download_names_the_url(online: CliRunner, api: FakeImagesAPI) ->
     run = online("-p", "cat", "-f", "cat.png")
     assert run.code == gi.EXIT_UNAVAILABLE
     assert f"downloading the image failed with HTTP 404: {api.url}/gone.png" in run.err
+
+
+@pytest.mark.parametrize("reply, wait", [
+    (Reply(status=429, headers={"retry-after-ms": "2500"}, body=b""), 2.5),
+    (Reply(status=429, body=api_error("Rate limited, please try again in 5 seconds")), 5.0),
+    (Reply(status=503, body=api_error("上游繁忙,请在 7 秒后重试")), 7.0),
+    (Reply(status=429, body=api_error("retry after 300ms")), 0.3),
+], ids=["retry-after-ms", "words", "chinese-words", "milliseconds-in-words"])
+def test_the_wait_a_gateway_asks_for_is_honoured(online: CliRunner, api: FakeImagesAPI, pauses: list[float],
+                                                 reply: Reply, wait: float) -> None:
+    api.queue(reply)
+    assert online("-p", "cat", "--retries", "1").code == 0
+    assert pauses == [pytest.approx(wait, abs=0.05)]   # the gate pauses what is left of the wait
+
+
+def test_a_429_without_a_wait_backs_off_from_two_seconds(online: CliRunner, api: FakeImagesAPI,
+                                                         pauses: list[float]) -> None:
+    api.queue(Reply(status=429, body=b""), Reply(status=429, body=b""))
+    assert online("-p", "cat", "--retries", "2").code == 0
+    assert 2.0 <= pauses[0] <= 2.5 and 4.0 <= pauses[1] <= 5.0
+
+
+@pytest.mark.parametrize("headers, request_id, header", [
+    ({"x-litellm-call-id": "lite-1", "cf-ray": "ray-1"}, "lite-1", "x-litellm-call-id"),
+    ({"cf-ray": "ray-2"}, "ray-2", "cf-ray"),
+    ({"x-new-api-request-id": "new-3"}, "new-3", "x-new-api-request-id"),
+])
+def test_the_request_id_is_read_where_gateways_put_it(online: CliRunner, api: FakeImagesAPI, headers: dict,
+                                                      request_id: str, header: str) -> None:
+    from fake_api import images_answer, make_png
+
+    api.queue(Reply(body=images_answer([make_png(64, 64)]), headers=headers))
+    document = online("-p", "cat", "--json").json()
+    assert (document["request_id"], document["request_id_header"]) == (request_id, header)
+
+
+@pytest.mark.parametrize("body, kind", [
+    (api_error("您的请求违反了内容安全政策", code="400"), "safety_refusal"),
+    (api_error("Invalid value for 'moderation': 'strict'.", param="moderation", code="invalid_value"), "bad_request"),
+])
+def test_safety_words_in_any_language_but_not_a_bad_moderation_value(online: CliRunner, api: FakeImagesAPI,
+                                                                     body: dict, kind: str) -> None:
+    api.queue(Reply(status=400, body=body))
+    assert online("-p", "cat", "--json").json()["error"]["kind"] == kind

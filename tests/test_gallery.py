@@ -111,3 +111,23 @@ def test_open_starts_the_systems_viewer_or_warns(online: CliRunner, isolated: Pa
                                                ("freebsd13", ["xdg-open", "p.png"]), ("win32", None)])
 def test_the_viewer_each_platform_uses(platform: str, command: list) -> None:
     assert gi.viewer_command(Path("p.png"), platform) == command
+
+
+def test_a_page_not_ours_is_never_replaced(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    (isolated / "b.html").write_text("<p>my notes</p>", encoding="utf-8")
+    (isolated / "b.json").write_text('["x"]', encoding="utf-8")
+    run = online("--batch", "b.json")
+    assert (run.code, api.requests) == (gi.EXIT_USAGE, []) and "b.html exists and is not a gallery" in run.err
+    (isolated / "cat.html").write_text("<p>mine too</p>", encoding="utf-8")
+    run = online("-p", "cat", "-f", "cat.png", "--gallery")
+    assert run.code == 0 and "warning: the gallery was not written: cat.html exists" in run.err
+    assert (isolated / "cat.html").read_text(encoding="utf-8") == "<p>mine too</p>"
+    again = online("-p", "cat", "-f", "cat.png", "--gallery")          # cat-2.png gets a page of its own
+    assert again.out == "cat-2.png\n" and "apiyi-gpt-image-2-gen gallery" in (isolated / "cat-2.html").read_text()
+
+
+def test_an_svg_thumbnail_is_not_a_link(online: CliRunner, api: FakeImagesAPI, isolated: Path) -> None:
+    api.queue(Reply(body=images_answer([make_svg(100, 100)])))
+    assert online("-p", "logo", "--model", "gpt-image-2.6-all", "-o", "svg", "-f", "logo.svg", "--gallery").code == 0
+    page = (isolated / "logo.html").read_text(encoding="utf-8")
+    assert '<img src="logo.svg"' in page and 'href="logo.svg"' not in page

@@ -22,7 +22,8 @@ SETTING_ARGS = {
     "frames": ["-o", "gif", "--frames", "4", "--frame-ms", "120", "-s", "512x512"],
     "svg_model": ["-o", "svg", "--svg-model", "gpt-5.6-terra"],
 }
-CASES = [pytest.param(model, setting, id=f"{model}-{setting}") for model in gi.MODEL_PROFILES for setting in SETTING_ARGS]
+CASES = [pytest.param(model, setting, id=f"{model}-{setting}")
+         for model in gi.MODEL_PROFILES for setting in SETTING_ARGS]
 
 
 @pytest.fixture
@@ -185,7 +186,8 @@ def test_size_match_takes_the_shape_of_the_first_input(online: CliRunner, api: F
 
 def test_size_match_needs_an_input_and_vip_sizes_are_fixed(online: CliRunner, api: FakeImagesAPI,
                                                           picture: Callable[..., Path]) -> None:
-    assert "-s match takes the shape of the first input image, but there is none" in online("-p", "x", "-s", "match").err
+    run = online("-p", "x", "-s", "match")
+    assert "-s match takes the shape of the first input image, but there is none" in run.err
     run = online("-p", "x", "--model", "gpt-image-2-vip", "-s", "2000x1000")
     assert run.code == gi.EXIT_USAGE and "takes only its fixed sizes; nearest is 2048x1152" in run.err
     picture("in.png", "png", 1600, 900)
@@ -200,7 +202,8 @@ def test_another_size_than_asked_is_told_and_strict_size_makes_it_exit_10(online
     run = online("-p", "cat", "--model", "gpt-image-2.6-all", "-s", "1152x2048", "-f", "cat.png", "--json",
                  "--metadata", *(["--strict-size"] if strict else []))
     assert run.code == (gi.EXIT_MISMATCH if strict else 0)
-    assert run.json()["files"][0]["size_requested"] == "1152x2048" and run.json()["files"][0]["size_real"] == "1365x2048"
+    both = run.json()["files"][0]
+    assert (both["size_requested"], both["size_real"]) == ("1152x2048", "1365x2048")
     assert "asked for size 1152x2048 but cat.png has 1365x2048" in run.err
     assert (isolated / "cat.png").is_file()
     assert json.loads((isolated / "cat.png.json").read_text())["size_real"] == "1365x2048"
@@ -251,7 +254,8 @@ def test_refusal_kinds_are_told_apart(online: CliRunner, api: FakeImagesAPI, rep
     (["--model", "gpt-image-2.6-flare", "-o", "gif", "-s", "0x16"], "--size 0x16: width and height must be above 0"),
     (["--model", "gpt-image-2-vip", "-s", "0x100"], "--size 0x100: width and height must be above 0"),
     (["--model", "gpt-image-2.6-all", "-s", "1920x1080"], "the longest edge must be at most 1536"),
-    (["--model", "gpt-image-2-all", "-s", "16:9", "-r", "2K"], "-r 2K: gpt-image-2-all takes a long edge of at most 1536"),
+    (["--model", "gpt-image-2-all", "-s", "16:9", "-r", "2K"],
+     "-r 2K: gpt-image-2-all takes a long edge of at most 1536"),
     (["--model", ""], "the model name is empty"),
     (["--model", "gpt image"], "'gpt image' is not a model name"),
 ])

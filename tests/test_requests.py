@@ -65,7 +65,7 @@ def test_single_edit_sends_one_image_part_typed_by_content(online: CliRunner, ap
                                 "output_format": "png"}
     [part] = request.files()
     assert (part.name, part.filename, part.content_type, part.data) == (
-        "image", "photo.png", "image/jpeg", source.read_bytes())
+        "image", "photo.jpg", "image/jpeg", source.read_bytes())   # named for what it is (new-api reads the name)
 
 
 @pytest.mark.parametrize("style", ["-i a b c", "-i a -i b -i c"])
@@ -125,3 +125,13 @@ def test_key_goes_only_in_the_authorization_header(online: CliRunner, api: FakeI
     assert carriers == ["Authorization"]
     assert TEST_KEY.encode() not in request.body
     assert TEST_KEY not in Path("o.png.json").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name, fmt, sent", [("photo.png", "jpeg", "photo.jpg"), ("scan", "png", "scan.png"),
+                                             ("pic.jpeg", "jpeg", "pic.jpeg"), ("a.b.webp", "png", "a.b.png")])
+def test_each_file_part_is_named_for_its_real_format(online: CliRunner, api: FakeImagesAPI, picture, name: str,
+                                                     fmt: str, sent: str) -> None:
+    picture(name, fmt, 64, 64)
+    assert online("-p", "x", "-i", name).code == 0
+    [part] = api.requests[0].files()
+    assert (part.filename, part.content_type) == (sent, f"image/{fmt}")

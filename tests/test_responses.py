@@ -209,7 +209,7 @@ def test_json_success_document(online: CliRunner, api: FakeImagesAPI) -> None:
         "model": "gpt-image-2", "mode": "generate", "size": "2048x1152", "quality": "high",
         "usage": {"input_tokens": 50, "output_tokens": 4160, "total_tokens": 4210,
                   "input_tokens_details": {"text_tokens": 50, "image_tokens": 0}},
-        "revised_prompt": None, "request_id": None, "warnings": [],
+        "revised_prompt": None, "request_id": None, "request_id_header": None, "warnings": [],
         "cost": {"usd": 0.12505, "basis": "tokens", "prices": PRICES}}   # (50 x $5 + 4160 x $30) per million
 
 
