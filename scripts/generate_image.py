@@ -287,6 +287,9 @@ BACKOFF_MAX_S = 8.0
 RETRY_AFTER_MAX_S = 120.0
 # A 429 without Retry-After: at least this long, doubling (gateways answer 0.5 s retries with more 429s).
 RATE_LIMIT_INITIAL_S = 2.0
+# Gateways known to answer a streamed image request with a 500 after the upstream made the image,
+# known by a header of theirs.
+STREAM_BREAKING_GATEWAYS = ("x-litellm-call-id",)
 # How long to wait, when a gateway says so only in words ("try again in 5 seconds", "请在 5 秒后重试").
 WAIT_IN_WORDS = (re.compile(r"(?:try again|retry)(?: after| in)?\s*(\d+(?:\.\d+)?)\s*"
                             r"(ms|milliseconds?|s|secs?|seconds?)\b", re.I),
@@ -2675,6 +2678,16 @@ def should_retry(response: HttpResponse) -> bool:
     return not (is_account_problem(response.status, code) or is_safety_refusal(code, str(error.get("message") or "")))
 
 
+def stream_refused(response: HttpResponse) -> bool:
+    """A gateway that cannot relay an image stream: its error names streaming, or it is one known to fail
+    streams with a 500 (LiteLLM). Retrying makes the upstream generate, and maybe bill, again."""
+    if response.status < 400 or is_account_problem(response.status, ""):
+        return False
+    text = str(parse_error_body(response.body).get("message") or bytes(response.body[:4096]).decode("utf-8", "replace"))
+    return bool(re.search(r"\bstream", text, re.I)) or (response.status >= 500 and
+                                                        any(h in response.headers for h in STREAM_BREAKING_GATEWAYS))
+
+
 def retry_delay(response: HttpResponse, attempt: int) -> float:
     """The wait the gateway asks for (retry-after-ms, Retry-After, or in its message's words), else a
     backoff: from 2 s for a 429, from 0.5 s for anything else."""
@@ -2739,7 +2752,7 @@ def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callab
                 raise
             delay, reason, status = backoff_delay(attempt), err.message, 0
         else:
-            if last or not should_retry(response):
+            if last or not should_retry(response) or (transfer.on_preview and stream_refused(response)):
                 return response
             delay, reason, status = retry_delay(response, attempt), f"HTTP {response.status}", response.status
         finally:
@@ -2837,6 +2850,14 @@ def error_for_status(response: HttpResponse, config: ApiConfig) -> ToolError:
         cls = RefusedError
     return cls(message, status=status, code=code or None, hint=status_hint(status, code, config),
                body=short_body(response.body), kind="rate_limited" if status == 429 and cls is ServiceError else "")
+
+
+def stream_refusal(response: HttpResponse) -> ToolError:
+    return MaybeBilledError(f"HTTP {response.status}: the gateway did not accept a streamed request "
+                            f"({body_excerpt(str(parse_error_body(response.body).get('message') or response.body))})",
+                            status=response.status, body=short_body(response.body),
+                            hint="run it again without --stream; the image may have been generated (and billed) "
+                                 "upstream, so check your usage first")
 
 
 def is_safety_refusal(code: str, message: str) -> bool:
@@ -3536,7 +3557,8 @@ def fetch_answer(job: ImageJob, config: ApiConfig, *, spool: Path, emit: Emit,
             response = send_with_retries(request, config, notify=lambda text: emit("retry", message=text),
                                          gate=gate, transfer=transfer)
             if not 200 <= response.status < 300:
-                raise error_for_status(response, config)
+                raise stream_refusal(response) if job.streamed and stream_refused(response) else \
+                    error_for_status(response, config)
     except ToolError as err:
         remove_quietly(spool)
         if previews and previews.current:

@@ -210,3 +210,24 @@ def test_dry_run_shows_the_stream_fields(online: CliRunner, api: FakeImagesAPI) 
                                              "partial_images": 2}
     assert run.json()["request"]["headers"]["Accept"] == "text/event-stream, application/json"
     assert api.requests == []
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(status=500, body={"error": {"message": "litellm: cannot stream image generation"}}),
+    Reply(status=500, body={"error": {"message": "upstream error"}}, headers={"x-litellm-call-id": "c1"}),
+    Reply(status=400, body={"error": {"message": "stream is not supported for this model"}}),
+], ids=["words", "litellm-500", "400-naming-stream"])
+def test_a_gateway_that_cannot_relay_a_stream_is_not_retried(online: CliRunner, api: FakeImagesAPI,
+                                                             pauses: list[float], reply: Reply) -> None:
+    api.queue(reply, reply, reply)
+    run = online("-p", "cat", "--stream", "--json")
+    assert (run.code, len(api.requests), pauses) == (gi.EXIT_MAYBE_BILLED, 1, [])
+    error = run.json()["error"]
+    assert "the gateway did not accept a streamed request" in error["message"]
+    assert error["hint"].startswith("run it again without --stream")
+
+
+def test_a_500_without_streaming_words_is_still_retried_when_not_streaming(online: CliRunner, api: FakeImagesAPI,
+                                                                          pauses: list[float]) -> None:
+    api.queue(Reply(status=500, body={"error": {"message": "upstream error"}}, headers={"x-litellm-call-id": "c1"}))
+    assert online("-p", "cat").code == 0 and len(api.requests) == 2
