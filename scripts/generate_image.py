@@ -370,6 +370,10 @@ dd { margin: 0; overflow-wrap: anywhere; }
 .error { color: var(--bad); overflow-wrap: anywhere; }
 """
 
+# --doctor: a Cloudflare node cuts requests at about 100 s (a CDN 524), shorter than an image takes.
+SHORT_CUT_HOSTS = ("api-cf.apiyi.com",)
+CLOCK_SKEW_WARN_S = 120.0
+
 # Jobs: one record per command in the state folder; the worker owns the request from sending to saving.
 ENV_STATE_DIR = "APIYI_STATE_DIR"
 ENV_WORKER = "APIYI_WORKER"
@@ -5167,6 +5171,154 @@ def job_summary(files: JobFiles, record: Mapping[str, Any]) -> dict[str, Any]:
             "exit_code": record.get("exit_code"), "peak_rss_kib": record.get("peak_rss_kib")}
 
 
+def run_doctor(args: argparse.Namespace, console: Console, env: Mapping[str, str]) -> int:
+    """One line per check, OK / WARN / FAIL with a fix; no billed call is made (GET /models only).
+    Exit 0, or the code of the first failure."""
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, status: str, detail: str, fix: str = "", code: int = EXIT_OK) -> None:
+        checks.append({"check": name, "status": status, "detail": console.redact(detail), "fix": fix,
+                       "exit_code": code if status == "FAIL" else EXIT_OK})
+
+    check("python", "OK", f"Python {sys.version_info[0]}.{sys.version_info[1]}")
+    base_url = doctor_base_url(args, env, check)
+    key = doctor_key(args, env, check, console)
+    if base_url:
+        doctor_network(base_url, args, check)
+        if key and not any(c["status"] == "FAIL" for c in checks):
+            doctor_models(base_url, key, args, check)
+    doctor_folders(args, env, check)
+    failed = next((c for c in checks if c["status"] == "FAIL"), None)
+    if console.json_mode:
+        console.document({"ok": failed is None, "checks": checks})
+    else:
+        for c in checks:
+            console.result(f"{c['status']:<4} {c['check']}: {c['detail']}" + (f" ({c['fix']})" if c["fix"] else ""))
+    return failed["exit_code"] if failed else EXIT_OK
+
+
+Check = Callable[..., None]
+
+
+def doctor_base_url(args: argparse.Namespace, env: Mapping[str, str], check: Check) -> str:
+    try:
+        base_url, _ = check_base_url(args.base_url or env.get(ENV_BASE_URL) or DEFAULT_BASE_URL)
+        check_proxy(base_url, allowed=args.allow_http_proxy)
+    except UsageError as err:
+        check("base URL", "FAIL", err.message, err.hint, EXIT_USAGE)
+        return ""
+    host = urlsplit_host(base_url)
+    problems = [text for text, bad in (("no /v1 at the end", not base_url.rstrip("/").endswith("/v1")),
+                                       ("plain http: the key travels unencrypted",
+                                        base_url.startswith("http://") and not is_loopback_host(host)),
+                                       (f"{host} cuts requests at about 100 s (HTTP 524), shorter than an image "
+                                        "takes", host in SHORT_CUT_HOSTS)) if bad]
+    check("base URL", "WARN" if problems else "OK", base_url + (": " + "; ".join(problems) if problems else ""),
+          f"use {DEFAULT_BASE_URL}" if problems else "")
+    return base_url
+
+
+def doctor_key(args: argparse.Namespace, env: Mapping[str, str], check: Check, console: Console) -> str:
+    try:
+        key, _ = resolve_api_key(args.api_key, env, required=True)
+    except AuthError as err:
+        check("API key", "FAIL", err.message, err.hint, EXIT_AUTH)
+        return ""
+    console.secrets.append(key)
+    check("API key", "OK", f"set ({len(key)} characters; never shown)")
+    return key
+
+
+def doctor_network(base_url: str, args: argparse.Namespace, check: Check) -> None:
+    """DNS, TCP and TLS, one after another, each failure named with what usually causes it."""
+    import socket
+    import ssl
+    import urllib.request
+
+    host, port = host_and_port(base_url)
+    proxy = urllib.request.getproxies().get(base_url.split(":", 1)[0]) if not is_loopback_host(host) else None
+    if proxy and not urllib.request.proxy_bypass(host):
+        check("proxy", "OK", f"{base_url.split(':', 1)[0]} traffic goes through {proxy}")
+        return      # DNS and TCP are the proxy's to make; GET /models below tells the rest
+    try:
+        socket.getaddrinfo(host, port)
+        with socket.create_connection((host, port), timeout=min(args.timeout, CONNECT_TIMEOUT_S)) as raw:
+            check("network", "OK", f"{host}:{port} resolves and accepts connections")
+            if base_url.startswith("https://"):
+                with ssl.create_default_context().wrap_socket(raw, server_hostname=host):
+                    check("TLS", "OK", "the certificate is valid for the host")
+    except ssl.SSLCertVerificationError as err:
+        check("TLS", "FAIL", f"certificate refused: {err.verify_message}",
+              "a proxy or antivirus that inspects HTTPS? set SSL_CERT_FILE to its certificate", EXIT_UNAVAILABLE)
+    except (OSError, ssl.SSLError) as err:
+        reason = reason_text(err)
+        check("network", "FAIL", f"{host}:{port}: {reason}", connect_hint(reason), EXIT_UNAVAILABLE)
+
+
+def host_and_port(base_url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def doctor_models(base_url: str, key: str, args: argparse.Namespace, check: Check) -> None:
+    """GET /models with the key: accepted or not, whether the model is listed, and the clock."""
+    request = HttpRequest("GET", base_url + "/models", {"Authorization": f"Bearer {key}", "User-Agent": user_agent(),
+                                                        "Accept": "application/json"}, b"")
+    try:
+        response = send_request(request, timeout_s=min(args.timeout, CONNECT_TIMEOUT_S))
+    except ToolError as err:
+        check("GET /models", "FAIL", err.message, err.hint, EXIT_UNAVAILABLE)
+        return
+    if response.status != 200:
+        err = error_for_status(response, ApiConfig(base_url, key, args.timeout, 0))
+        check("API key" if err.exit_code == EXIT_AUTH else "GET /models", "FAIL", err.message, err.hint,
+              err.exit_code if err.exit_code == EXIT_AUTH else EXIT_UNAVAILABLE)
+        return
+    check("API key", "OK", "accepted by the gateway (GET /models answered 200)")
+    doctor_model_listed(response, args.model, check)
+    doctor_clock(response, check)
+
+
+def doctor_model_listed(response: HttpResponse, model: str, check: Check) -> None:
+    try:
+        listed = {str(m.get("id")) for m in parse_json(response.body).get("data", []) if isinstance(m, dict)}
+    except (ValueError, AttributeError, TypeError):
+        listed = set()
+    if not listed:
+        check("model", "WARN", f"{model}: the gateway's model list could not be read")
+    elif model in listed:
+        check("model", "OK", f"{model} is listed")
+    else:
+        check("model", "WARN", f"{model} is not in the gateway's list of {len(listed)} models",
+              f"check --model (see {PROG} --list-models), or the key's token group")
+
+
+def doctor_clock(response: HttpResponse, check: Check) -> None:
+    from email.utils import parsedate_to_datetime
+
+    try:
+        skew = time.time() - parsedate_to_datetime(response.headers.get("date", "")).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return
+    if abs(skew) > CLOCK_SKEW_WARN_S:
+        check("clock", "WARN", f"this machine's clock is {skew:+.0f} s off the server's", "set the clock (NTP)")
+    else:
+        check("clock", "OK", f"within {abs(skew):.0f} s of the server's")
+
+
+def doctor_folders(args: argparse.Namespace, env: Mapping[str, str], check: Check) -> None:
+    for name, folder, create in (("state folder", state_folder(env), True),
+                                 ("output folder", expand_path(args.filename).parent if args.filename else Path("."),
+                                  False)):
+        try:
+            check_output_folder(folder, create=create)
+            check(name, "OK", f"{folder} is writable")
+        except UsageError as err:
+            check(name, "FAIL", err.message, err.hint, EXIT_USAGE)
+
+
 def run_list_models(console: Console) -> int:
     """The profile table, as text or JSON: what each model takes, makes, bills and usually takes."""
     profiles = [profile_for(name) for name in MODEL_PROFILES]
@@ -5470,7 +5622,7 @@ def run_batch_dry(plan: BatchPlan, config: ApiConfig, console: Console,
 
 # Flags that act on jobs already started; they take no prompt, batch or request settings.
 JOB_ACTIONS = (("--attach", "attach"), ("--cancel", "cancel"), ("--list-jobs", "list_jobs"),
-               ("--list-models", "list_models"))
+               ("--list-models", "list_models"), ("--doctor", "doctor"))
 
 
 def check_mode_flags(args: argparse.Namespace) -> None:
@@ -5616,6 +5768,8 @@ def run_command(args: argparse.Namespace, console: Console, env: Mapping[str, st
     args.model = args.model or default_model(env)
     if args.list_models:
         return run_list_models(console)
+    if args.doctor:
+        return run_doctor(args, console, env)
     if args.list_jobs:
         return run_list_jobs(console, env)
     if args.cancel:
@@ -5786,6 +5940,9 @@ def build_parser() -> CliParser:
                       help="stop a job's worker (a request already sent may still be billed)")
     jobs.add_argument("--events", action="store_true",
                       help="progress as JSON Lines on stderr (validated, job_started, sent, heartbeat, saved, ...)")
+    jobs.add_argument("--doctor", action="store_true",
+                      help="check the set-up without a billed call (key, base URL, network, TLS, proxy, the key "
+                           "and model at GET /models, folders, clock) and print one line per check")
     jobs.add_argument("--run-job", metavar="RECORD", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     return parser

@@ -170,8 +170,13 @@ def stream_reply(pieces: list[bytes], *, gap: float = 0.0) -> Reply:
     return Reply(pieces=pieces, gap=gap, headers={"Content-Type": "text/event-stream"})
 
 
+MODELS_LISTED = ("gpt-image-2", "gpt-image-2.6-flare", "gpt-image-2.6-all")
+
+
 def default_reply(request: Recorded) -> Reply:
-    """Answer like the real API: n images of the requested size and format."""
+    """Answer like the real API: n images of the requested size and format; GET /models lists models."""
+    if request.method == "GET" and request.path.endswith("/models"):
+        return Reply(body={"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS_LISTED]})
     if (request.header("Content-Type") or "").startswith("multipart/"):
         fields = request.fields()
     else:
