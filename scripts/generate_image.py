@@ -287,6 +287,8 @@ BACKOFF_MAX_S = 8.0
 RETRY_AFTER_MAX_S = 120.0
 # A 429 without Retry-After: at least this long, doubling (gateways answer 0.5 s retries with more 429s).
 RATE_LIMIT_INITIAL_S = 2.0
+# 429s cost nothing, so they do not spend --retries; a batch (or a run) waits them out this long in all.
+MAX_THROTTLED_S = 600.0
 # Gateways known to answer a streamed image request with a 500 after the upstream made the image,
 # known by a header of theirs.
 STREAM_BREAKING_GATEWAYS = ("x-litellm-call-id",)
@@ -2707,24 +2709,38 @@ def retry_delay(response: HttpResponse, attempt: int) -> float:
 
 
 class Gate:
-    """Admits requests: at most `limit` in flight, none before `resume_at`. The workers of a
-    batch share one, so a 429 slows the whole batch, not just the worker that received it."""
+    """Admits requests: at most `limit` in flight, none before `resume_at`. The workers of a batch
+    share one, and it learns the gateway's concurrency quota from the 429s: a quota refuses only the
+    requests above it, so those still in flight when one is refused estimate it (the estimate only
+    falls to that, never compounds as halving would). A wave of 429s that leaves nothing in flight and
+    saw no success is a pause, not a quota: the limit goes back to where the wave found it. Successes
+    raise it again: doubling back to the quota seen (or -j), a step above only every fourth round."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
+        self.ceiling = self.limit = limit
         self.active = 0
         self.resume_at = 0.0
+        self.quota: Optional[int] = None    # the gateway's limit, as the last wave of 429s showed it
+        self.wave_from: Optional[int] = None    # the limit when the current wave of 429s began
+        self.successes = 0                  # since the limit last changed
+        self.throttled_s = 0.0              # waited out on 429s, all requests together
         self.changed = threading.Condition()
 
     def enter(self) -> None:
-        with self.changed:
-            wait = self.resume_at - time.monotonic()
-        if wait > 0:
-            pause(wait)
-        with self.changed:
-            while self.active >= self.limit:
-                self.changed.wait()
-            self.active += 1
+        """Waits for the pause (again, if it moved while waiting), then for a slot."""
+        waited_for = 0.0
+        while True:
+            with self.changed:
+                target = self.resume_at
+                if target <= max(time.monotonic(), waited_for):
+                    while self.active >= self.limit:
+                        self.changed.wait()
+                    if self.resume_at <= target:
+                        self.active += 1
+                        return
+                    continue
+            pause(target - time.monotonic())
+            waited_for = target
 
     def leave(self) -> None:
         with self.changed:
@@ -2732,39 +2748,76 @@ class Gate:
             self.changed.notify_all()
 
     def hold_off(self, delay: float, *, throttled: bool) -> Optional[int]:
-        """Nobody sends for `delay` s; a 429 also halves the concurrency for the rest of the run.
-        Returns the new limit when it changed."""
+        """Nobody sends for `delay` s; a 429 also brings the limit down to the requests still in
+        flight. Returns the new limit when it changed."""
         with self.changed:
             self.resume_at = max(self.resume_at, time.monotonic() + delay)
-            if not throttled or self.limit == 1:
+            if not throttled:
                 return None
-            self.limit = max(1, self.limit // 2)
+            self.throttled_s += delay
+            before = self.limit
+            self.wave_from = self.limit if self.wave_from is None else self.wave_from
+            self.limit = min(self.limit, self.active) if self.active else self.wave_from
+            self.successes = 0
+            return self.limit if self.limit != before else None
+
+    def succeeded(self) -> Optional[int]:
+        """Ends a wave (its limit is the quota), and after a round of successes (as many as the limit)
+        raises the limit. Returns the new limit when it changed."""
+        with self.changed:
+            if self.wave_from is not None:
+                self.quota, self.wave_from = self.limit, None
+            self.successes += 1
+            above = self.quota is not None and self.limit >= self.quota
+            if self.limit >= self.ceiling or self.successes < self.limit * (4 if above else 1):
+                return None
+            self.limit = min(self.ceiling, self.limit + 1 if above else min(self.limit * 2, self.quota or self.ceiling))
+            self.successes = 0
+            self.changed.notify_all()
             return self.limit
 
 
 def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callable[[str], None],
                       gate: Optional[Gate] = None, transfer: Transfer = Transfer()) -> HttpResponse:
-    """Retry what cannot have been billed: connection failures, 408/409/429 and 5xx."""
+    """Retry what cannot have been billed: connection failures, 408/409/429 and 5xx. A 429 is waited
+    out without spending --retries (nothing was billed), up to MAX_THROTTLED_S for the whole gate."""
     gate = gate or Gate(1)
-    for attempt in range(config.retries + 1):
-        last = attempt == config.retries
+    spent = {"retries": 0, "waits": 0}
+    while True:
         gate.enter()
         try:
             response = send_request(request, timeout_s=config.timeout_s, transfer=transfer)
         except ConnectError as err:
-            if last:
+            if spent["retries"] >= config.retries:
                 raise
-            delay, reason, status = backoff_delay(attempt), err.message, 0
+            delay, reason, status = backoff_delay(spent["retries"]), err.message, 0
         else:
-            if last or not should_retry(response) or (transfer.on_preview and stream_refused(response)):
+            if response.status < 300:
+                announce_limit(gate.succeeded(), notify)
+            if not retry_again(response, gate, config, spent, streamed=transfer.on_preview is not None):
                 return response
-            delay, reason, status = retry_delay(response, attempt), f"HTTP {response.status}", response.status
+            status, reason = response.status, f"HTTP {response.status}"
+            delay = retry_delay(response, spent["waits" if status == 429 else "retries"])
         finally:
             gate.leave()
+        spent["waits" if status == 429 else "retries"] += 1
         limit = gate.hold_off(delay, throttled=status == 429)
-        slower = f"; at most {limit} requests in flight from now" if limit else ""
-        notify(f"{reason}; retry {attempt + 1} of {config.retries} in {delay:.1f} s{slower}")
-    raise AssertionError("unreachable: the last attempt returns or raises")
+        notify(f"429: pausing all workers {delay:.1f} s" + (f"; at most {limit} in flight now" if limit else "")
+               if status == 429 else f"{reason}; retry {spent['retries']} of {config.retries} in {delay:.1f} s")
+
+
+def retry_again(response: HttpResponse, gate: Gate, config: ApiConfig, spent: Mapping[str, int], *,
+                streamed: bool) -> bool:
+    if not should_retry(response) or (streamed and stream_refused(response)):
+        return False
+    if response.status == 429:
+        return gate.throttled_s < MAX_THROTTLED_S
+    return spent["retries"] < config.retries
+
+
+def announce_limit(limit: Optional[int], notify: Callable[[str], None]) -> None:
+    if limit:
+        notify(f"back to {limit} in flight")
 
 
 # --- Response decoding and file output ---

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -212,8 +212,8 @@ def test_requests_overlap_up_to_jobs_and_never_more(online: CliRunner, api: Fake
     assert sorted(run.out.splitlines()) == [f"{i + 1:02d}-picture-{i}.png" for i in range(items)]
 
 
-def test_a_429_pauses_every_worker_and_halves_concurrency(online: CliRunner, api: FakeImagesAPI, isolated: Path,
-                                                          pauses: list[float]) -> None:
+def test_a_429_pauses_every_worker_and_the_limit_falls_to_what_was_in_flight(
+        online: CliRunner, api: FakeImagesAPI, isolated: Path, pauses: list[float]) -> None:
     throttled = []
 
     def route(request: Recorded) -> Optional[Reply]:
@@ -228,11 +228,32 @@ def test_a_429_pauses_every_worker_and_halves_concurrency(online: CliRunner, api
     assert run.code == 0, run.err
     after = api.requests[api.requests.index(throttled[0]) + 1:]
     assert len(after) == 6
-    assert max(r.in_flight for r in after[3:]) <= 2
-    assert len(pauses) >= 2 and all(25 < p <= 30 for p in pauses)
-    notices = [line for line in run.err.splitlines() if "HTTP 429" in line]
-    assert len(notices) == 1 and re.fullmatch(r"item \d: HTTP 429; retry 1 of 2 in 30\.0 s; at most 2 requests "
-                                                r"in flight from now", notices[0]), run.err
+    assert max(r.in_flight for r in after[3:]) <= 3
+    assert len(pauses) >= 2 and all(25 < p <= 30 for p in pauses)     # every worker held, the queued ones too
+    notices = [line for line in run.err.splitlines() if "429" in line]
+    assert len(notices) == 1 and re.fullmatch(r"item \d: 429: pausing all workers 30\.0 s; at most 3 in flight now",
+                                              notices[0]), run.err
+
+
+def quota_route(quota: int, seconds: float, refused: list[int]) -> Callable[[Recorded], Reply]:
+    """A gateway with a concurrency quota: requests beyond it get a 429 at once."""
+    def route(request: Recorded) -> Reply:
+        if request.in_flight > quota:
+            refused.append(1)
+            return Reply(status=429, body={"error": {"message": "concurrency quota"}}, headers={"Retry-After": "0"})
+        return Reply(body=SMALL_ANSWER, delay=seconds)
+    return route
+
+
+@pytest.mark.parametrize("quota, jobs", [(2, 8), (4, 8), (2, 16)])
+def test_a_batch_finds_the_gateways_quota_and_keeps_to_it(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                          quota: int, jobs: int) -> None:
+    refused: list[int] = []
+    api.route = quota_route(quota, 0.15, refused)
+    run = online("--batch", write_batch(isolated / "b.json", [f"p{i}" for i in range(16)]), "-j", jobs, "--json")
+    assert run.code == 0, run.err
+    assert run.json()["counts"]["ok"] == 16                       # no item failed, no --retries spent
+    assert len(refused) <= 2 * jobs, len(refused)                 # one wave to find it, a few probes after
 
 
 def test_resume_skips_what_the_manifest_proves_and_never_takes_a_foreign_file(online: CliRunner, api: FakeImagesAPI,

@@ -35,8 +35,6 @@ STATUSES = [
     pytest.param(422, api_error("bad"), gi.EXIT_REFUSED, "HTTP 422", "", 1, id="422"),
     pytest.param(429, api_error("quota", type_="insufficient_quota", code="insufficient_quota"), gi.EXIT_AUTH,
                  "HTTP 429: quota", "balance", 1, id="429-quota"),
-    pytest.param(429, api_error("slow down", code="rate_limit_exceeded"), gi.EXIT_UNAVAILABLE, "HTTP 429: slow down",
-                 "concurrency quota is full", 3, id="429"),
     pytest.param(408, b"", gi.EXIT_UNAVAILABLE, "HTTP 408: (empty body)", "", 3, id="408"),
     pytest.param(409, api_error("conflict"), gi.EXIT_UNAVAILABLE, "HTTP 409", "", 3, id="409"),
     pytest.param(500, api_error("server_error", type_="server_error"), gi.EXIT_UNAVAILABLE, "HTTP 500", "", 3,
@@ -63,15 +61,26 @@ def test_status_maps_to_exit_code(online: CliRunner, api: FakeImagesAPI, isolate
     assert list(isolated.iterdir()) == []
 
 
-@pytest.mark.parametrize("status, kind", [(400, "bad_request"), (401, "account"), (503, "service"), (524, "possibly_billed"),
-                                          (429, "rate_limited")])
+@pytest.mark.parametrize("status, kind", [(400, "bad_request"), (401, "account"), (503, "service"),
+                                          (524, "possibly_billed"), (429, "rate_limited")])
 def test_json_error_document(online: CliRunner, api: FakeImagesAPI, status: int, kind: str) -> None:
-    api.queue(*[Reply(status=status, body=api_error("nope", code="some_code")) for _ in range(3)])
+    api.route = lambda request: Reply(status=status, body=api_error("nope", code="some_code"),
+                                      headers={"Retry-After": "120"})
     run = online("-p", "cat", "--json")
     assert run.json() == {"ok": False, "error": {
         "kind": kind, "message": f"HTTP {status}: nope (type invalid_request_error, code some_code)",
         "status": status, "code": "some_code", "hint": run.json()["error"]["hint"], "exit_code": run.code,
         "body": json.dumps(api_error("nope", code="some_code"))}}
+
+
+def test_429s_spend_no_retries_but_are_waited_out_for_ten_minutes_at_most(online: CliRunner, api: FakeImagesAPI,
+                                                                          pauses: list[float]) -> None:
+    api.route = lambda request: Reply(status=429, body=api_error("slow down", code="rate_limit_exceeded"),
+                                      headers={"Retry-After": "120"})
+    run = online("-p", "cat", "--retries", "0", "--json")
+    assert (run.code, run.json()["error"]["kind"]) == (gi.EXIT_UNAVAILABLE, "rate_limited")
+    assert (len(api.requests), pauses) == (6, [pytest.approx(120, abs=0.5)] * 5)   # 5 x 120 s = 600 s
+    assert "concurrency quota is full" in run.json()["error"]["hint"]
 
 
 def test_transient_failure_then_success(online: CliRunner, api: FakeImagesAPI, pauses: list[float]) -> None:
@@ -314,3 +323,48 @@ def test_safety_words_in_any_language_but_not_a_bad_moderation_value(online: Cli
                                                                      body: dict, kind: str) -> None:
     api.queue(Reply(status=400, body=body))
     assert online("-p", "cat", "--json").json()["error"]["kind"] == kind
+
+
+def test_the_gate_learns_a_quota_from_one_wave_and_climbs_back() -> None:
+    gate = gi.Gate(8)
+    for _ in range(8):
+        gate.enter()
+    changes = []
+    for _ in range(6):          # six refused at once; two stay in flight: the quota is 2
+        gate.leave()
+        changes.append(gate.hold_off(0, throttled=True))
+    assert (gate.limit, [c for c in changes if c]) == (2, [7, 6, 5, 4, 3, 2])
+    assert gate.succeeded() is None and gate.quota == 2     # the wave ended: it was a quota
+    raised = [gate.succeeded() for _ in range(4 * 2 - 1)]
+    assert raised[-1] == 3 and all(r is None for r in raised[:-1])     # a step above the quota, after 4 rounds
+
+
+def test_a_wave_that_refuses_everything_is_a_pause_not_a_quota() -> None:
+    gate = gi.Gate(4)
+    for _ in range(4):
+        gate.enter()
+    for _ in range(4):
+        gate.leave()
+        gate.hold_off(0, throttled=True)
+    assert gate.limit == 4 and gate.quota is None
+
+
+def test_a_worker_waiting_for_a_slot_is_held_by_a_pause_set_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    waited: list[float] = []
+    gate = gi.Gate(1)
+    gate.enter()
+
+    def hold_then_free(seconds: float) -> None:
+        waited.append(round(seconds))
+
+    monkeypatch.setattr(gi, "pause", hold_then_free)
+    import threading
+
+    entered = threading.Event()
+    worker = threading.Thread(target=lambda: (gate.enter(), entered.set()))
+    worker.start()
+    time.sleep(0.1)                              # the worker waits for the slot
+    gate.hold_off(60, throttled=False)           # a Retry-After arrives meanwhile
+    gate.leave()                                 # the slot frees: the worker must now wait out the pause
+    worker.join(5)
+    assert entered.is_set() and waited == [60]
