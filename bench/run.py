@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from fake_api import FakeImagesAPI, Reply, make_png, sse_images, stream_reply  # noqa: E402
+from fake_api import FakeImagesAPI, Reply, make_png, quota_route, sse_images, stream_reply  # noqa: E402
 from peak import measured_run  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "generate_image.py"
@@ -291,6 +291,20 @@ def batches(bench: Bench, latency: float, jobs: list[int], items: int) -> None:
         bench.target(f"batch -j {j} wall / ideal {ideal:g} s", row.wall / ideal, 1.15)
 
 
+def quotas(bench: Bench, seconds: float, items: int, cases: list[tuple[int, int]]) -> None:
+    """A gateway that refuses what is above its concurrency quota with a 429 (Retry-After: 1): the
+    batch must find the quota, not halve below it."""
+    (bench.work / "quota.json").write_text(json.dumps([f"picture {i}" for i in range(items)]))
+    for jobs, quota in cases:
+        refused: list[int] = []
+        bench.api.route = quota_route(quota, seconds, refused, retry_after="1")
+        row = bench.run(f"quota_{jobs}_{quota}", f"batch of {items}, {seconds:g} s each, -j {jobs}, quota {quota}",
+                        bench.tool("--batch", "quota.json", "-j", str(jobs), "--overwrite"))
+        ideal = math.ceil(items / quota) * seconds + 1
+        bench.target(f"quota {quota}, -j {jobs}: wall / ideal {ideal:g} s ({len(refused) / bench.times:.0f} 429s "
+                     "a run)", row.wall / ideal, 1.10)
+
+
 def large_batch(bench: Bench, items: int) -> None:
     answer_always(bench, answer_for(make_png(64, 64)))
     for count in (10, items):
@@ -356,9 +370,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("batches", file=sys.stderr)
         if args.quick:
             batches(bench, 0.2, [1, 4], 4)
+            quotas(bench, 0.2, 8, [(8, 2)])
             large_batch(bench, 30)
         else:
             batches(bench, 1.0, [1, 4, 8, 16], 16)
+            quotas(bench, 1.0, 24, [(8, 2), (8, 4), (16, 2), (16, 4)])
             large_batch(bench, 1000)
     command = "python bench/run.py" + (" --quick" if args.quick else "")
     text = report(bench, command)

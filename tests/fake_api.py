@@ -218,6 +218,20 @@ def channel_reply(profiles: dict[str, dict[str, Any]]) -> Callable[[Recorded], O
     return route
 
 
+def quota_route(quota: int, seconds: float, refused: list[int], *, retry_after: str = "0"
+                ) -> Callable[[Recorded], Reply]:
+    """A gateway with a concurrency quota: a request beyond it gets a 429 at once (counted in refused)."""
+    answer = images_answer([make_png(64, 64)])
+
+    def route(request: Recorded) -> Reply:
+        if request.in_flight > quota:
+            refused.append(1)
+            return Reply(status=429, body={"error": {"message": "concurrency quota"}},
+                         headers={"Retry-After": retry_after})
+        return Reply(body=answer, delay=seconds)
+    return route
+
+
 class Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default backlog of 5 drops connections when 16 arrive at once
 

@@ -7,13 +7,13 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 
 import generate_image as gi
 from conftest import CliRunner
-from fake_api import FakeImagesAPI, Recorded, Reply, images_answer, make_image, make_png
+from fake_api import FakeImagesAPI, Recorded, Reply, images_answer, make_image, make_png, quota_route
 
 SMALL_ANSWER = images_answer([make_png(64, 64)])
 
@@ -233,16 +233,6 @@ def test_a_429_pauses_every_worker_and_the_limit_falls_to_what_was_in_flight(
     notices = [line for line in run.err.splitlines() if "429" in line]
     assert len(notices) == 1 and re.fullmatch(r"item \d: 429: pausing all workers 30\.0 s; at most 3 in flight now",
                                               notices[0]), run.err
-
-
-def quota_route(quota: int, seconds: float, refused: list[int]) -> Callable[[Recorded], Reply]:
-    """A gateway with a concurrency quota: requests beyond it get a 429 at once."""
-    def route(request: Recorded) -> Reply:
-        if request.in_flight > quota:
-            refused.append(1)
-            return Reply(status=429, body={"error": {"message": "concurrency quota"}}, headers={"Retry-After": "0"})
-        return Reply(body=SMALL_ANSWER, delay=seconds)
-    return route
 
 
 @pytest.mark.parametrize("quota, jobs", [(2, 8), (4, 8), (2, 16)])
