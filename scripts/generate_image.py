@@ -352,6 +352,7 @@ REQUEST_ID_HEADERS = ("x-request-id", "request-id", "openai-request-id", "x-onea
 # phone, light or dark as the system is. The policy lets it load nothing but its own images.
 GALLERY_POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'"
 # A page carrying this is ours to rewrite; any other file of that name is left alone.
+GALLERY_REFRESH_S = 1.0    # at most once a second while a batch runs (each write is the whole page), and at the end
 GALLERY_MARKER = '<meta name="generator" content="apiyi-gpt-image-2-gen gallery">'
 GALLERY_STYLE = """
 :root { color-scheme: light dark; --bg: #fafafa; --fg: #1d1d1f; --card: #fff; --muted: #6e6e73; --bad: #c62828; }
@@ -4345,6 +4346,7 @@ class BatchRun:
         self.crashed = False                            # an item ended in a bug (exit 1)
         self.spent = 0.0                                # USD of the items that ended (--max-cost)
         self.lines: dict[int, dict[str, Any]] = {}      # each ended item's manifest line, for the gallery
+        self.gallery_at = 0.0                           # when the page was last written
         self.started = time.monotonic()
         self.reserved: dict[int, float] = {}            # the most each item in flight may cost
         self.seen_cost: dict[tuple, float] = {}         # the most an item of each shape really cost
@@ -4479,7 +4481,8 @@ class BatchRun:
                                                     f"{err.strerror or err}")
             self.worker.emit("item_done", record=record)
             self.lines[record["item"]] = manifest_line(record, self.plan.manifest.parent)
-            problem = self.refresh_gallery() if self.plan.gallery else None
+            due = time.monotonic() - self.gallery_at >= GALLERY_REFRESH_S
+            problem = self.refresh_gallery() if self.plan.gallery and due else None
         if problem:
             self.worker.emit("warning", message=problem)
 
@@ -4497,6 +4500,7 @@ class BatchRun:
                   f"not run, {counts['running']} running, {counts['waiting']} waiting; "
                   f"{clock(time.monotonic() - self.started)}" + (f"; {cost_text(spent)}" if spent else ""))
         title = self.plan.description or self.plan.source.name
+        self.gallery_at = time.monotonic()
         return write_gallery(self.plan.gallery_path, title, totals, entries)
 
     def wait(self) -> None:
@@ -5962,8 +5966,8 @@ def build_parser() -> CliParser:
                        help="refuse a run that may cost more (its high estimate), and start no batch item that "
                             "could take the spend past it")
     batch.add_argument("-j", "--jobs", type=int_in_range(1, MAX_JOBS), metavar="N",
-                       help=f"requests in flight, 1-{MAX_JOBS} (default {DEFAULT_JOBS}); a 429 pauses all "
-                            "and halves it")
+                       help=f"requests in flight at most, 1-{MAX_JOBS} (default {DEFAULT_JOBS}); the gateway's "
+                            "quota is found from its 429s, which pause every worker")
     conn = parser.add_argument_group("connection")
     conn.add_argument("-k", "--api-key", metavar="KEY", help=f"API key (default: ${ENV_API_KEY})")
     conn.add_argument("--base-url", metavar="URL", help=f"API base (default: ${ENV_BASE_URL}, else {DEFAULT_BASE_URL})")
