@@ -207,43 +207,34 @@ PROMPT_OVERHEAD_TOKENS = 6
 # seconds for one image. A model not in the table is sent as given under UNKNOWN_MODEL.
 OFFICIAL_SETTINGS = ("size", "quality", "n", "background", "moderation", "output_compression", "mask", "stream")
 BASE_QUALITIES = QUALITIES[:4]
+OFFICIAL_ROW = {"line": "official", "billing": "tokens", "sizes": "free", "accepts": OFFICIAL_SETTINGS}
+GPT_IMAGE_2_5_ROW = {**OFFICIAL_ROW, "token_factors": GPT_IMAGE_2_5_FACTORS, "qualities": QUALITIES,
+                     "formats": CLASSIC_FORMATS}
+GPT_IMAGE_2_6_ROW = {**OFFICIAL_ROW, "token_factors": GPT_IMAGE_2_6_FACTORS, "qualities": QUALITIES,
+                     "formats": OUTPUT_FORMATS, "gif_rules": True, "needs_svg_model": True,
+                     "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model")}
+# The flat channels of one image per request (they bill every n sent) that take a size and no quality.
+ONE_IMAGE_ROW = {"line": "flat", "qualities": (), "formats": ("png",), "accepts": ("size",), "ignores": ("quality",),
+                 "max_n": 1}
 MODEL_PROFILES: dict[str, dict[str, Any]] = {
-    "gpt-image-2": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_FACTORS,
-                    "seconds": (120, 150), "qualities": BASE_QUALITIES,
-                    "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+    "gpt-image-2": {**OFFICIAL_ROW, "token_factors": GPT_IMAGE_2_FACTORS, "seconds": (120, 150),
+                    "qualities": BASE_QUALITIES, "formats": CLASSIC_FORMATS,
                     "note": "the default: best text rendering; up to 5 min at high quality and 4K"},
-    "gpt-image-2.5-flare": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_5_FACTORS,
-                            "seconds": (40, 75), "qualities": QUALITIES,
-                            "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+    "gpt-image-2.5-flare": {**GPT_IMAGE_2_5_ROW, "seconds": (40, 75),
                             "note": "faster 2.5; quality up to xhigh and max; native transparency"},
-    "gpt-image-2.5-sunburst": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_5_FACTORS,
-                               "seconds": (60, 120), "qualities": QUALITIES,
-                               "formats": CLASSIC_FORMATS, "accepts": OFFICIAL_SETTINGS, "sizes": "free",
+    "gpt-image-2.5-sunburst": {**GPT_IMAGE_2_5_ROW, "seconds": (60, 120),
                                "note": "detailed 2.5; quality up to xhigh and max; native transparency"},
-    "gpt-image-2.6-flare": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_6_FACTORS,
-                            "seconds": (8, 15), "qualities": QUALITIES,
-                            "formats": OUTPUT_FORMATS, "sizes": "free", "gif_rules": True, "needs_svg_model": True,
-                            "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
+    "gpt-image-2.6-flare": {**GPT_IMAGE_2_6_ROW, "seconds": (8, 15),
                             "note": "fastest; complexity, GIF and SVG (SVG needs --svg-model)"},
-    "gpt-image-2.6-sunburst": {"line": "official", "billing": "tokens", "token_factors": GPT_IMAGE_2_6_FACTORS,
-                               "seconds": (20, 60), "qualities": QUALITIES,
-                               "formats": OUTPUT_FORMATS, "sizes": "free", "gif_rules": True,
-                               "needs_svg_model": True,
-                               "accepts": (*OFFICIAL_SETTINGS, "complexity", "frames", "svg_model"),
+    "gpt-image-2.6-sunburst": {**GPT_IMAGE_2_6_ROW, "seconds": (20, 60),
                                "note": "detailed 2.6 and edits; complexity, GIF and SVG (SVG needs --svg-model)"},
-    "gpt-image-2-all": {"line": "flat", "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (30, 90),
-                        "qualities": (),
-                        "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
+    "gpt-image-2-all": {**ONE_IMAGE_ROW, "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (30, 90),
                         "sizes": "long-edge-1536", "real_size_differs": True,
                         "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
-    "gpt-image-2.5-all": {"line": "flat", "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (30, 90),
-                          "qualities": (),
-                          "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
-                          "sizes": "long-edge-1536", "real_size_differs": True,
+    "gpt-image-2.5-all": {**ONE_IMAGE_ROW, "price_per_image": 0.03, "billing": "$0.03 per image",
+                          "seconds": (30, 90), "sizes": "long-edge-1536", "real_size_differs": True,
                           "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
-    "gpt-image-2-vip": {"line": "flat", "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (90, 150),
-                        "qualities": (),
-                        "formats": ("png",), "accepts": ("size",), "ignores": ("quality",), "max_n": 1,
+    "gpt-image-2-vip": {**ONE_IMAGE_ROW, "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (90, 150),
                         "sizes": "", "tiers": "vip", "real_size_differs": True,
                         "note": "flat price at any of its 30 sizes up to 4K; no mask, no quality"},
     "gpt-image-2.6-all": {"line": "flat", "price_per_image": 0.025, "billing": "$0.025 per image", "seconds": (10, 46),
@@ -788,22 +779,20 @@ def int_in_range(low: int, high: int, step: int = 1) -> Callable[[str], int]:
 
 
 def positive_dollars(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{short_name(text)!r} is not an amount in US dollars") from None
-    if not 0 < value <= MAX_COST_USD:
-        raise argparse.ArgumentTypeError(f"{value:g} must be above 0 and at most 1000000")
-    return value
+    return positive_amount(text, MAX_COST_USD, "an amount in US dollars", f"{MAX_COST_USD:g}")
 
 
 def positive_seconds(text: str) -> float:
+    return positive_amount(text, MAX_WAIT_S, "a number of seconds", f"{MAX_WAIT_S:g} (a day)")
+
+
+def positive_amount(text: str, most: float, what: str, limit: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= MAX_WAIT_S:
-        raise argparse.ArgumentTypeError(f"{text} must be above 0 and at most {MAX_WAIT_S:g} (a day)")
+        raise argparse.ArgumentTypeError(f"{short_name(text)!r} is not {what}") from None
+    if not 0 < value <= most:
+        raise argparse.ArgumentTypeError(f"{short_name(text)} must be above 0 and at most {limit}")
     return value
 
 
