@@ -305,6 +305,21 @@ def quotas(bench: Bench, seconds: float, items: int, cases: list[tuple[int, int]
                      "a run)", row.wall / ideal, 1.10)
 
 
+def outages(bench: Bench, seconds: float) -> None:
+    """429s for every request for a while: at the start (a burst), or in the middle (an outage). No
+    item may fail (a 429 spends no retries), and the batch must start again at once."""
+    for key, items, jobs, window, ideal in (("burst", 48, 8, (0.0, 1.5), 2 + 6 * seconds),
+                                            ("outage", 24, 8, (2.0, 7.0), 7 + seconds)):
+        (bench.work / f"{key}.json").write_text(json.dumps([f"picture {i}" for i in range(items)]))
+        refused: list[int] = []
+        bench.api.route = quota_route(8, seconds, refused, retry_after="1", outage=window)
+        row = bench.run(key, f"batch of {items}, {seconds:g} s each, -j {jobs}, quota 8, 429s from {window[0]:g} "
+                             f"to {window[1]:g} s", bench.tool("--batch", f"{key}.json", "-j", str(jobs),
+                                                               "--overwrite", "--retries", "0"))
+        bench.target(f"{key} of 429s: wall / ideal {ideal:g} s, no item failed ({len(refused) / bench.times:.0f} "
+                     "429s a run)", row.wall / ideal, 1.20)
+
+
 def large_batch(bench: Bench, items: int) -> None:
     answer_always(bench, answer_for(make_png(64, 64)))
     for count in (10, items):
@@ -375,6 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             batches(bench, 1.0, [1, 4, 8, 16], 16)
             quotas(bench, 1.0, 24, [(8, 2), (8, 4), (16, 2), (16, 4)])
+            outages(bench, 1.0)
             large_batch(bench, 1000)
     command = "python bench/run.py" + (" --quick" if args.quick else "")
     text = report(bench, command)

@@ -218,13 +218,17 @@ def channel_reply(profiles: dict[str, dict[str, Any]]) -> Callable[[Recorded], O
     return route
 
 
-def quota_route(quota: int, seconds: float, refused: list[int], *, retry_after: str = "0"
-                ) -> Callable[[Recorded], Reply]:
-    """A gateway with a concurrency quota: a request beyond it gets a 429 at once (counted in refused)."""
+def quota_route(quota: int, seconds: float, refused: list[int], *, retry_after: str = "0",
+                outage: tuple[float, float] = (0.0, 0.0)) -> Callable[[Recorded], Reply]:
+    """A gateway with a concurrency quota: a request beyond it gets a 429 at once (counted in refused),
+    and so does every request during the outage (from, to: seconds after the first request)."""
     answer = images_answer([make_png(64, 64)])
+    first: list[float] = []
 
     def route(request: Recorded) -> Reply:
-        if request.in_flight > quota:
+        first.append(first[0] if first else time.monotonic())
+        elapsed = time.monotonic() - first[0]
+        if request.in_flight > quota or outage[0] <= elapsed < outage[1]:
             refused.append(1)
             return Reply(status=429, body={"error": {"message": "concurrency quota"}},
                          headers={"Retry-After": retry_after})

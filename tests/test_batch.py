@@ -506,3 +506,14 @@ def test_a_manifest_linked_out_of_the_batch_folder_is_refused(online: CliRunner,
         return
     assert (run.code, api.requests, elsewhere.read_text()) == (gi.EXIT_USAGE, [], "")
     assert f"error: the manifest b.results.jsonl is a symlink to {elsewhere}, outside {isolated}" in run.err
+
+
+@pytest.mark.parametrize("window", [(0.0, 0.3), (0.12, 0.4)], ids=["burst-at-the-start", "outage-midway"])
+def test_a_spell_of_429s_fails_no_item_even_with_no_retries(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                            window: tuple[float, float]) -> None:
+    refused: list[int] = []
+    api.route = quota_route(8, 0.1, refused, outage=window)
+    run = online("--batch", write_batch(isolated / "b.json", [f"p{i}" for i in range(24)]), "-j", "8",
+                 "--retries", "0", "--json")
+    assert run.code == 0, run.err
+    assert run.json()["counts"]["ok"] == 24 and refused        # every 429 waited out, none spent a retry
