@@ -5074,12 +5074,15 @@ class BatchMonitor:
         self.running: set[int] = set()
         self.started = time.monotonic()
         self.last_live = 0.0
+        self.in_flight = plan.jobs          # as the worker's gate last announced it (429s change it)
 
     def on_event(self, event: Mapping[str, Any]) -> bool:
         """Takes the item events; a retry (a 429 that lowers the concurrency too) is shown with its
         item, an item's previews stay off the console."""
         if event["event"] == "retry" and "item" in event:
             self.console.progress(f"item {event['item']}: {event['message']}")
+            limit = re.search(r"at most (\d+) in flight now|back to (\d+) in flight", str(event["message"]))
+            self.in_flight = int(limit.group(1) or limit.group(2)) if limit else self.in_flight
         elif event["event"] == "item_started":
             self.running.add(int(event["item"]))
         elif event["event"] == "item_done":
@@ -5104,7 +5107,9 @@ class BatchMonitor:
             self.console.progress(f"{position} failed (exit {error['exit_code']}, {error['kind']}): "
                                   f"{error['message']}")
         else:
-            self.console.progress(f"{position} ok in {record['elapsed_s']:.0f} s: {', '.join(record['paths'])}")
+            self.console.progress(f"{position} ok in {record['elapsed_s']:.0f} s: {', '.join(record['paths'])}"
+                                  + (f"; ~{clock(self.time_left())} left" if len(self.records) < len(self.plan.items)
+                                     else ""))
 
     def show_status(self) -> None:
         live = sys.stderr.isatty() and not self.console.quiet
@@ -5112,15 +5117,19 @@ class BatchMonitor:
             self.last_live = time.monotonic()
             self.console.live(self.status_line())
 
+    def time_left(self) -> float:
+        """Rounds of what is in flight now (the gate's limit, as 429s changed it) times the average item."""
+        ended = [r for r in self.records.values() if r["status"] != "skipped"]
+        left = len(self.plan.items) - len(self.records)
+        average = sum(r["elapsed_s"] for r in ended) / len(ended) if ended else sum(typical_seconds(self.plan)) / 2
+        return math.ceil(left / max(1, self.in_flight)) * average
+
     def status_line(self) -> str:
         ended = [r for r in self.records.values() if r["status"] != "skipped"]
         failed = sum(r["status"] == "failed" for r in ended)
-        left = len(self.plan.items) - len(self.records)
-        average = sum(r["elapsed_s"] for r in ended) / len(ended) if ended else sum(typical_seconds(self.plan)) / 2
-        rounds = math.ceil(left / max(1, self.plan.jobs))
         elapsed = time.monotonic() - self.started
         return (f"batch: {len(ended) - failed} done, {failed} failed, {len(self.running)} running, "
-                f"{len(self.plan.items)} total; {clock(elapsed)} elapsed, ~{clock(rounds * average)} left")
+                f"{len(self.plan.items)} total; {clock(elapsed)} elapsed, ~{clock(self.time_left())} left")
 
 
 def follow_batch(start: JobStart, console: Console, *, max_wait: Optional[float]) -> int:

@@ -517,3 +517,16 @@ def test_a_spell_of_429s_fails_no_item_even_with_no_retries(online: CliRunner, a
                  "--retries", "0", "--json")
     assert run.code == 0, run.err
     assert run.json()["counts"]["ok"] == 24 and refused        # every 429 waited out, none spent a retry
+
+
+def test_the_time_left_follows_the_limit_the_gateway_allows(isolated: Path) -> None:
+    """16 items at -j 8 are 2 rounds; once a 429 brings the limit to 2, they are 8."""
+    items = tuple(gi.BatchItem(n, None, ()) for n in range(1, 17))     # the monitor reads only their count
+    plan = gi.BatchPlan(isolated / "b.json", "", items, isolated / "b.results.jsonl", 8)
+    monitor = gi.BatchMonitor(plan, gi.Console(json_mode=False))
+    monitor.records = {n: {"item": n, "status": "ok", "elapsed_s": 60.0} for n in (98, 99)}   # two ended: 1 min each
+    before = monitor.time_left()
+    monitor.on_event({"event": "retry", "item": 3, "message": "429: pausing all workers 5.0 s; at most 2 in flight now"})
+    after = monitor.time_left()
+    monitor.on_event({"event": "retry", "item": 4, "message": "back to 4 in flight"})
+    assert (before, after, monitor.time_left()) == (2 * 60.0, 7 * 60.0, 4 * 60.0)
