@@ -2608,7 +2608,7 @@ def reason_text(reason: object) -> str:
 
 
 def pause(seconds: float) -> None:
-    time.sleep(seconds)
+    time.sleep(max(0.0, seconds))     # a wait computed a moment ago may have run out since
 
 
 def parse_retry_after(value: Optional[str]) -> Optional[float]:
@@ -2729,7 +2729,7 @@ class Gate:
                         self.active += 1
                         return
                     continue
-            pause(target - time.monotonic())
+            pause(max(0.0, target - time.monotonic()))    # the time may have come since the check
             waited_for = target
 
     def leave(self) -> None:
