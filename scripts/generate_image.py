@@ -279,7 +279,8 @@ RETRY_AFTER_MAX_S = 120.0
 # A 429 without Retry-After: at least this long, doubling (gateways answer 0.5 s retries with more 429s).
 RATE_LIMIT_INITIAL_S = 2.0
 # 429s cost nothing, so they do not spend --retries; a batch (or a run) waits them out this long in all.
-MAX_THROTTLED_S = 600.0
+MAX_THROTTLED_S = 600.0     # each request's own waits, so it is wall time however many workers wait
+RATE_LIMIT_MIN_S = 1.0      # a 429 is never retried sooner, whatever wait the gateway names
 # Gateways known to answer a streamed image request with a 500 after the upstream made the image,
 # known by a header of theirs.
 STREAM_BREAKING_GATEWAYS = ("x-litellm-call-id",)
@@ -1952,6 +1953,11 @@ def check_base_url(text: str) -> tuple[str, list[str]]:
         raise UsageError(f"--base-url {text!r} is not an http(s) URL", hint=f"e.g. {DEFAULT_BASE_URL}")
     if parts.query or parts.fragment:
         raise UsageError(f"--base-url {text!r} has a query or fragment", hint=f"e.g. {DEFAULT_BASE_URL}")
+    try:
+        parts.hostname.encode("idna")     # what the resolver will do with it; a label over 63 fails here
+    except UnicodeError:
+        raise UsageError(f"--base-url {short_name(text)!r}: the host name is not a valid domain name",
+                         hint=f"e.g. {DEFAULT_BASE_URL}") from None
     for endpoint in (GENERATIONS_PATH, EDITS_PATH):
         if url.endswith(endpoint):
             raise UsageError(f"--base-url ends with {endpoint}: give the base only",
@@ -2677,7 +2683,7 @@ def should_retry(response: HttpResponse) -> bool:
 def stream_refused(response: HttpResponse) -> bool:
     """A gateway that cannot relay an image stream: its error names streaming, or it is one known to fail
     streams with a 500 (LiteLLM). Retrying makes the upstream generate, and maybe bill, again."""
-    if response.status < 400 or is_account_problem(response.status, ""):
+    if response.status < 400 or response.status in RETRY_STATUSES or is_account_problem(response.status, ""):
         return False
     text = str(parse_error_body(response.body).get("message") or bytes(response.body[:4096]).decode("utf-8", "replace"))
     return bool(re.search(r"\bstream", text, re.I)) or (response.status >= 500 and
@@ -2692,7 +2698,7 @@ def retry_delay(response: HttpResponse, attempt: int) -> float:
         return backoff_delay(attempt) if response.status != 429 else \
             min(RETRY_AFTER_MAX_S, RATE_LIMIT_INITIAL_S * 2 ** attempt) * random_between(1.0, 1.25)
     if wait > RETRY_AFTER_MAX_S:
-        when = time.strftime("%H:%M:%S", time.localtime(time.time() + wait))
+        when = time.strftime("%H:%M:%S", time.localtime(time.time() + wait)) if wait < 1e9 else "a long while"
         raise ServiceError(f"HTTP {response.status}: the server asks to wait {wait:.0f} s before retrying",
                            status=response.status, hint=f"try again after {when}")
     return wait
@@ -2713,7 +2719,6 @@ class Gate:
         self.quota: Optional[int] = None    # the gateway's limit, as the last wave of 429s showed it
         self.wave_from: Optional[int] = None    # the limit when the current wave of 429s began
         self.successes = 0                  # since the limit last changed
-        self.throttled_s = 0.0              # waited out on 429s, all requests together
         self.changed = threading.Condition()
 
     def enter(self) -> None:
@@ -2738,16 +2743,17 @@ class Gate:
             self.changed.notify_all()
 
     def hold_off(self, delay: float, *, throttled: bool) -> Optional[int]:
-        """Nobody sends for `delay` s; a 429 also brings the limit down to the requests still in
-        flight. Returns the new limit when it changed."""
+        """Called by a request still counted in flight, before it leaves (so no worker it wakes can
+        slip in before the pause): nobody sends for `delay` s, and a 429 brings the limit down to the
+        other requests in flight. Returns the new limit when it changed."""
         with self.changed:
             self.resume_at = max(self.resume_at, time.monotonic() + delay)
+            self.changed.notify_all()
             if not throttled:
                 return None
-            self.throttled_s += delay
-            before = self.limit
+            before, others = self.limit, self.active - 1
             self.wave_from = self.limit if self.wave_from is None else self.wave_from
-            self.limit = min(self.limit, self.active) if self.active else self.wave_from
+            self.limit = min(self.limit, others) if others > 0 else self.wave_from
             self.successes = 0
             return self.limit if self.limit != before else None
 
@@ -2772,37 +2778,44 @@ def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callab
     """Retry what cannot have been billed: connection failures, 408/409/429 and 5xx. A 429 is waited
     out without spending --retries (nothing was billed), up to MAX_THROTTLED_S for the whole gate."""
     gate = gate or Gate(1)
-    spent = {"retries": 0, "waits": 0}
+    spent = {"retries": 0, "waits": 0, "waited_s": 0.0}
     while True:
         gate.enter()
         try:
-            response = send_request(request, timeout_s=config.timeout_s, transfer=transfer)
-        except ConnectError as err:
-            if spent["retries"] >= config.retries:
-                raise
-            delay, reason, status = backoff_delay(spent["retries"]), err.message, 0
-        else:
-            if response.status < 300:
-                announce_limit(gate.succeeded(), notify)
-            if not retry_again(response, gate, config, spent, streamed=transfer.on_preview is not None):
-                return response
-            status, reason = response.status, f"HTTP {response.status}"
-            delay = retry_delay(response, spent["waits" if status == 429 else "retries"])
+            try:
+                response = send_request(request, timeout_s=config.timeout_s, transfer=transfer)
+            except ConnectError as err:
+                if spent["retries"] >= config.retries:
+                    raise
+                delay, reason, status = backoff_delay(int(spent["retries"])), err.message, 0
+            else:
+                if response.status < 300:
+                    announce_limit(gate.succeeded(), notify)
+                if not retry_again(response, config, spent, streamed=transfer.on_preview is not None):
+                    return response
+                status, reason = response.status, f"HTTP {response.status}"
+                delay = retry_delay(response, int(spent["waits" if status == 429 else "retries"]))
+                delay = max(delay, RATE_LIMIT_MIN_S) if status == 429 else delay    # "0" would flood the gateway
+            limit = gate.hold_off(delay, throttled=status == 429)     # while still in flight: see hold_off
         finally:
             gate.leave()
         spent["waits" if status == 429 else "retries"] += 1
-        limit = gate.hold_off(delay, throttled=status == 429)
+        spent["waited_s"] += delay if status == 429 else 0.0
         notify(f"429: pausing all workers {delay:.1f} s" + (f"; at most {limit} in flight now" if limit else "")
                if status == 429 else f"{reason}; retry {spent['retries']} of {config.retries} in {delay:.1f} s")
 
 
-def retry_again(response: HttpResponse, gate: Gate, config: ApiConfig, spent: Mapping[str, int], *,
-                streamed: bool) -> bool:
+def retry_again(response: HttpResponse, config: ApiConfig, spent: Mapping[str, float], *, streamed: bool) -> bool:
+    """Whether to send again; a 429 past the time a request may wait them out is an error naming it."""
     if not should_retry(response) or (streamed and stream_refused(response)):
         return False
-    if response.status == 429:
-        return gate.throttled_s < MAX_THROTTLED_S
-    return spent["retries"] < config.retries
+    if response.status != 429:
+        return spent["retries"] < config.retries
+    if spent["waited_s"] >= MAX_THROTTLED_S:
+        raise ServiceError(f"HTTP 429 for {MAX_THROTTLED_S / 60:.0f} minutes: the gateway still refuses (its "
+                           "concurrency quota, or a pause)", status=429, kind="rate_limited",
+                           hint="wait a few minutes and run the same command again (only what is missing is sent)")
+    return True
 
 
 def announce_limit(limit: Optional[int], notify: Callable[[str], None]) -> None:
@@ -5305,7 +5318,7 @@ def doctor_network(base_url: str, args: argparse.Namespace, check: Check) -> Non
     except ssl.SSLCertVerificationError as err:
         check("TLS", "FAIL", f"certificate refused: {err.verify_message}",
               "a proxy or antivirus that inspects HTTPS? set SSL_CERT_FILE to its certificate", EXIT_UNAVAILABLE)
-    except (OSError, ssl.SSLError) as err:
+    except (OSError, ssl.SSLError, ValueError) as err:       # ValueError: a name the resolver refuses
         reason = reason_text(err)
         check("network", "FAIL", f"{host}:{port}: {reason}", connect_hint(reason), EXIT_UNAVAILABLE)
 

@@ -62,7 +62,7 @@ def test_status_maps_to_exit_code(online: CliRunner, api: FakeImagesAPI, isolate
 
 
 @pytest.mark.parametrize("status, kind", [(400, "bad_request"), (401, "account"), (503, "service"),
-                                          (524, "possibly_billed"), (429, "rate_limited")])
+                                          (524, "possibly_billed")])
 def test_json_error_document(online: CliRunner, api: FakeImagesAPI, status: int, kind: str) -> None:
     api.route = lambda request: Reply(status=status, body=api_error("nope", code="some_code"),
                                       headers={"Retry-After": "120"})
@@ -80,7 +80,7 @@ def test_429s_spend_no_retries_but_are_waited_out_for_ten_minutes_at_most(online
     run = online("-p", "cat", "--retries", "0", "--json")
     assert (run.code, run.json()["error"]["kind"]) == (gi.EXIT_UNAVAILABLE, "rate_limited")
     assert (len(api.requests), pauses) == (6, [pytest.approx(120, abs=0.5)] * 5)   # 5 x 120 s = 600 s
-    assert "concurrency quota is full" in run.json()["error"]["hint"]
+    assert run.json()["error"]["message"].startswith("HTTP 429 for 10 minutes: the gateway still refuses")
 
 
 def test_transient_failure_then_success(online: CliRunner, api: FakeImagesAPI, pauses: list[float]) -> None:
@@ -107,7 +107,7 @@ def test_backoff_grows_and_is_capped() -> None:
     assert all(6.0 <= d <= 8.0 for d in delays[4:])
 
 
-@pytest.mark.parametrize("header, expected", [("3", [3.0]), ("0", []), ("120", [120.0])])
+@pytest.mark.parametrize("header, expected", [("3", [3.0]), ("0", [1.0]), ("120", [120.0])])   # 1 s at least
 def test_retry_after_seconds_is_honoured(online: CliRunner, api: FakeImagesAPI, pauses: list[float],
                                          header: str, expected: list[float]) -> None:
     api.queue(Reply(status=429, body=api_error("slow"), headers={"Retry-After": header}))
@@ -285,7 +285,7 @@ def test_failed_download_names_the_url(online: CliRunner, api: FakeImagesAPI) ->
     (Reply(status=429, headers={"retry-after-ms": "2500"}, body=b""), 2.5),
     (Reply(status=429, body=api_error("Rate limited, please try again in 5 seconds")), 5.0),
     (Reply(status=503, body=api_error("上游繁忙,请在 7 秒后重试")), 7.0),
-    (Reply(status=429, body=api_error("retry after 300ms")), 0.3),
+    (Reply(status=503, body=api_error("retry after 300ms")), 0.3),
 ], ids=["retry-after-ms", "words", "chinese-words", "milliseconds-in-words"])
 def test_the_wait_a_gateway_asks_for_is_honoured(online: CliRunner, api: FakeImagesAPI, pauses: list[float],
                                                  reply: Reply, wait: float) -> None:
@@ -331,8 +331,8 @@ def test_the_gate_learns_a_quota_from_one_wave_and_climbs_back() -> None:
         gate.enter()
     changes = []
     for _ in range(6):          # six refused at once; two stay in flight: the quota is 2
+        changes.append(gate.hold_off(0, throttled=True))      # a refused request holds, then leaves
         gate.leave()
-        changes.append(gate.hold_off(0, throttled=True))
     assert (gate.limit, [c for c in changes if c]) == (2, [7, 6, 5, 4, 3, 2])
     assert gate.succeeded() is None and gate.quota == 2     # the wave ended: it was a quota
     raised = [gate.succeeded() for _ in range(4 * 2 - 1)]
@@ -344,8 +344,8 @@ def test_a_wave_that_refuses_everything_is_a_pause_not_a_quota() -> None:
     for _ in range(4):
         gate.enter()
     for _ in range(4):
-        gate.leave()
         gate.hold_off(0, throttled=True)
+        gate.leave()
     assert gate.limit == 4 and gate.quota is None
 
 
@@ -379,3 +379,27 @@ def test_a_wait_that_ran_out_meanwhile_is_no_wait() -> None:
     started = time.monotonic()
     REAL_PAUSE(-0.5)
     assert time.monotonic() - started < 0.1
+
+
+@pytest.mark.parametrize("headers, body, expected", [
+    ({"Retry-After": "0"}, b"", gi.RATE_LIMIT_MIN_S),                     # "now" would flood the gateway
+    ({"Retry-After": "9" * 400}, b"", None),                             # past any clock: an error, not a crash
+])
+def test_429_waits_have_a_floor_and_a_ceiling(online: CliRunner, api: FakeImagesAPI, pauses: list[float],
+                                              headers: dict, body: bytes, expected: float) -> None:
+    api.queue(Reply(status=429, headers=headers, body=body))
+    run = online("-p", "cat", "--retries", "0")
+    if expected is None:
+        assert run.code == gi.EXIT_UNAVAILABLE and "the server asks to wait" in run.err and "Traceback" not in run.err
+    else:
+        assert run.code == 0 and pauses == [pytest.approx(expected, abs=0.05)]
+
+
+def test_a_429_naming_streams_is_still_a_429(online: CliRunner, api: FakeImagesAPI, pauses: list[float]) -> None:
+    api.queue(Reply(status=429, body=api_error("too many concurrent stream requests"), headers={"Retry-After": "2"}))
+    assert online("-p", "cat", "--stream").code == 0 and len(api.requests) == 2
+
+
+def test_a_host_name_no_resolver_takes_is_bad_input(online: CliRunner, api: FakeImagesAPI) -> None:
+    run = online("-p", "cat", "--base-url", f"https://{'a' * 64}.com/v1")
+    assert (run.code, api.requests) == (gi.EXIT_USAGE, []) and "not a valid domain name" in run.err
