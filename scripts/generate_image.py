@@ -156,6 +156,7 @@ DEFAULT_TIER = "2K"
 # GIF (gpt-image-2.6): the frames share one sheet within the pixel budget, four frames wide at most
 # (6 frames of 1024 were refused: a 4096 sheet). Measured square caps by frame count: 960, 816, 720.
 GIF_FRAMES = (2, 16)
+GIF_DEFAULT_FRAMES = 9              # what the API makes when frame_count is not sent
 GIF_FRAME_MS = (20, 2000, 10)       # from, to, step
 GIF_SHEET_COLUMNS = 4
 GIF_FRAME_CAPS = ((9, 960), (12, 816), (16, 720))   # up to this many frames: the largest square frame
@@ -216,8 +217,13 @@ GPT_IMAGE_2_6_ROW = {**OFFICIAL_ROW, "token_factors": GPT_IMAGE_2_6_FACTORS, "qu
 # The flat channels of one image per request (they bill every n sent) that take a size and no quality.
 ONE_IMAGE_ROW = {"line": "flat", "qualities": (), "formats": ("png",), "accepts": ("size",), "ignores": ("quality",),
                  "max_n": 1}
+# gpt-image-2-all and 2.5-all: the size is a target whose long edge is 512-1536.
+LONG_EDGE_ROW = {**ONE_IMAGE_ROW, "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (30, 90),
+                 "sizes": "long-edge-1536", "real_size_differs": True,
+                 "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"}
 MODEL_PROFILES: dict[str, dict[str, Any]] = {
     "gpt-image-2": {**OFFICIAL_ROW, "token_factors": GPT_IMAGE_2_FACTORS, "seconds": (120, 150),
+                    "transparency_in_preview": True,
                     "qualities": BASE_QUALITIES, "formats": CLASSIC_FORMATS,
                     "note": "the default: best text rendering; up to 5 min at high quality and 4K"},
     "gpt-image-2.5-flare": {**GPT_IMAGE_2_5_ROW, "seconds": (40, 75),
@@ -228,12 +234,8 @@ MODEL_PROFILES: dict[str, dict[str, Any]] = {
                             "note": "fastest; complexity, GIF and SVG (SVG needs --svg-model)"},
     "gpt-image-2.6-sunburst": {**GPT_IMAGE_2_6_ROW, "seconds": (20, 60),
                                "note": "detailed 2.6 and edits; complexity, GIF and SVG (SVG needs --svg-model)"},
-    "gpt-image-2-all": {**ONE_IMAGE_ROW, "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (30, 90),
-                        "sizes": "long-edge-1536", "real_size_differs": True,
-                        "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
-    "gpt-image-2.5-all": {**ONE_IMAGE_ROW, "price_per_image": 0.03, "billing": "$0.03 per image",
-                          "seconds": (30, 90), "sizes": "long-edge-1536", "real_size_differs": True,
-                          "note": "flat price; size is a target (long edge 512-1536); no mask, no quality"},
+    "gpt-image-2-all": LONG_EDGE_ROW,
+    "gpt-image-2.5-all": LONG_EDGE_ROW,
     "gpt-image-2-vip": {**ONE_IMAGE_ROW, "price_per_image": 0.03, "billing": "$0.03 per image", "seconds": (90, 150),
                         "sizes": "", "tiers": "vip", "real_size_differs": True,
                         "note": "flat price at any of its 30 sizes up to 4K; no mask, no quality"},
@@ -262,7 +264,7 @@ MIN_N, MAX_N = 1, 10
 MAX_RETRIES = 10
 MAX_WAIT_S = 86_400.0   # --timeout and --max-wait: a socket takes no more (and no image needs it)
 # -p - reads at most this much of stdin: the longest prompt in the widest UTF-8, plus a byte order mark.
-MAX_PROMPT_BYTES = 32_000 * 4 + 3
+MAX_PROMPT_BYTES = MAX_PROMPT_CHARS * 4 + 3
 # A path component may hold 255 bytes on ext4 and APFS (255 UTF-16 units on NTFS): a name must fit
 # with the longest suffix the tool may add (NAME-99999.png, NAME.partial-3.png, NAME.png.json).
 MAX_NAME_BYTES = 255
@@ -590,6 +592,7 @@ class ModelProfile:
     tiers: str = ""             # the SIZE_TIERS it takes besides (or instead of) free sizes
     gif_rules: bool = False     # the official GIF frame limits apply
     needs_svg_model: bool = False
+    transparency_in_preview: bool = False       # --background transparent works, but not everywhere yet
     price_per_image: Optional[float] = None     # a flat channel's price (every n it is sent is billed)
     token_factors: Optional[Mapping[str, int]] = None   # by quality, for the output-token estimate
 
@@ -939,7 +942,7 @@ def size_for_ratio(ratio_w: int, ratio_h: int, resolution: str, rule: Mapping[st
 
 
 def resolve_size(text: Optional[str], resolution: Optional[str], profile: ModelProfile, *,
-                 fmt: str = "png", frames: int = 9, first_input: Optional[InputFile] = None
+                 fmt: str = "png", frames: int = GIF_DEFAULT_FRAMES, first_input: Optional[InputFile] = None
                  ) -> tuple[Optional[str], str]:
     """The size to send (None: not sent) and a note saying how a ratio or 'match' was mapped, by
     the model's size rule (or the GIF frame rules)."""
@@ -1431,13 +1434,14 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
-def check_profile(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> tuple[frozenset[str], list[str]]:
+def check_profile(args: argparse.Namespace, profile: ModelProfile, fmt: str,
+                  given: Mapping[str, Any]) -> tuple[frozenset[str], list[str]]:
     """What the model takes: a setting it does not take is refused (naming the models that do); one
     its channel ignores is left out, with a warning. Returns the settings left out and warnings."""
     left_out, warnings = set(), [] if profile.known else [
         f"model {profile.name} is not in the table ({PROG} --list-models): sent as given; only the universal "
         "size rules are checked"]
-    for name in given_settings(args):
+    for name in given:
         if name == "n" and name not in profile.accepts:
             left_out.add(name)      # a channel that makes one image per request: more is refused below
         elif name in profile.ignores:
@@ -1464,15 +1468,14 @@ def check_profile(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> 
     return frozenset(left_out), warnings
 
 
-def check_format_rules(args: argparse.Namespace, profile: ModelProfile, fmt: str) -> None:
+def check_format_rules(args: argparse.Namespace, profile: ModelProfile, fmt: str, given: Mapping[str, Any]) -> None:
     """GIF frames and the SVG author model belong to their format; each format rules some settings out."""
     for setting, owner in (("frames", "gif"), ("svg_model", "svg")):
-        if setting in given_settings(args) and fmt != owner:
+        if setting in given and fmt != owner:
             raise UsageError(f"{SETTING_FLAGS[setting]} applies to -o {owner} only", field=setting,
                              hint=f"add -o {owner}, or drop {SETTING_FLAGS[setting]}")
-    given = {**given_settings(args), **({"input_images": True} if args.input_image else {})}
     for setting in FORMAT_EXCLUDES.get(fmt, ()):
-        if setting in given:
+        if setting in given or (setting == "input_images" and args.input_image):
             flag = SETTING_FLAGS.get(setting, "-i")
             raise UsageError(f"{fmt.upper()} output cannot be combined with {flag}", field=setting,
                              hint=f"drop {flag}, or choose another -o")
@@ -1530,7 +1533,7 @@ def estimate_cost(job: ImageJob, multiplier: float, history: Sequence[int] = ())
         usd = round(profile.price_per_image * job.n * multiplier, 4)
         return {"low": usd, "high": usd, "basis": "per_image", "source": "the flat price"}
     table = output_token_bounds(job, profile)
-    bounds = (min(history), max(history + [table[1]] if table else history)) if history else table
+    bounds = (min(history), max([*history, *table[1:]] if table else history)) if history else table
     if bounds is None or job.output.format in ("gif", "svg"):
         why = {"gif": "GIF frames have no published token figure", "svg": "an SVG's author model is not priced"}
         return {"low": None, "high": None, "basis": "tokens" if profile.line == "official" else "unknown",
@@ -1591,7 +1594,7 @@ def check_combinations(args: argparse.Namespace, fmt: str) -> list[str]:
             raise UsageError("--background transparent needs png or webp; jpeg has no transparency",
                              hint="use -o png or -o webp", field="background")
         return ["transparent backgrounds are in preview for gpt-image-2: some gateways refuse them"] \
-            if args.model == DEFAULT_MODEL else []
+            if profile_for(args.model).transparency_in_preview else []
     return []
 
 
@@ -1621,13 +1624,15 @@ def build_job(args: argparse.Namespace, *, stdin: Optional[IO[str]], create_fold
         path, fmt, format_given, warnings = plan_output_path(args.filename, normalise_format(args.output_format),
                                                              prompt, default_stem=default_stem)
     profile = profile_for(args.model)
-    left_out, profile_warnings = check_profile(args, profile, fmt)
-    check_format_rules(args, profile, fmt)
+    given = given_settings(args)
+    left_out, profile_warnings = check_profile(args, profile, fmt, given)
+    check_format_rules(args, profile, fmt, given)
     warnings += profile_warnings + check_combinations(args, fmt)
     images, mask = check_inputs(args)
     with about("size"):
         size, size_note = resolve_size(None if "size" in left_out else args.size, args.resolution, profile, fmt=fmt,
-                                       frames=args.frames or 9, first_input=images[0] if images else None)
+                                       frames=args.frames or GIF_DEFAULT_FRAMES,
+                                       first_input=images[0] if images else None)
     output = OutputPlan(path, fmt, args.overwrite, args.metadata, args.keep_partials,
                         auto_named=args.filename is None and default_stem is None, strict=args.strict_size,
                         gallery=bool(getattr(args, "gallery", False)))
@@ -2859,10 +2864,11 @@ def short_body(body: Union[bytes, bytearray]) -> str:
 
 
 def request_id_of(headers: Mapping[str, str]) -> str:
-    return next((headers[h] for h in REQUEST_ID_HEADERS if headers.get(h)), "")
+    return headers.get(request_id_header(headers), "")
 
 
 def request_id_header(headers: Mapping[str, str]) -> str:
+    """Which header the gateway put its request id in (the first of REQUEST_ID_HEADERS found)."""
     return next((h for h in REQUEST_ID_HEADERS if headers.get(h)), "")
 
 
@@ -3698,7 +3704,8 @@ def requested_and_real(job: ImageJob, image: SavedImage) -> dict[str, Any]:
                       f"{info.width}x{info.height}" if info.width else None),
              "format": (job.output.format, info.format)}
     if job.output.format == "gif":
-        pairs["frames"] = (job.fields.get("frame_count", 9), info.frames if info.format == "gif" else None)
+        real = info.frames if info.format == "gif" else None
+        pairs["frames"] = (job.fields.get("frame_count", GIF_DEFAULT_FRAMES), real)
     return {f"{name}_{side}": value for name, pair in pairs.items() for side, value in zip(("requested", "real"), pair)}
 
 
