@@ -280,7 +280,7 @@ BACKOFF_MAX_S = 8.0
 RETRY_AFTER_MAX_S = 120.0
 # A 429 without Retry-After: at least this long, doubling (gateways answer 0.5 s retries with more 429s).
 RATE_LIMIT_INITIAL_S = 2.0
-# 429s cost nothing, so they do not spend --retries; a batch (or a run) waits them out this long in all.
+# 429s cost nothing, so they do not spend --retries; each request waits them out this long at most.
 MAX_THROTTLED_S = 600.0     # each request's own waits, so it is wall time however many workers wait
 RATE_LIMIT_MIN_S = 1.0      # a 429 is never retried sooner, whatever wait the gateway names
 # Gateways known to answer a streamed image request with a 500 after the upstream made the image,
@@ -2781,7 +2781,7 @@ class Gate:
 def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callable[[str], None],
                       gate: Optional[Gate] = None, transfer: Transfer = Transfer()) -> HttpResponse:
     """Retry what cannot have been billed: connection failures, 408/409/429 and 5xx. A 429 is waited
-    out without spending --retries (nothing was billed), up to MAX_THROTTLED_S for the whole gate."""
+    out without spending --retries (nothing was billed), up to MAX_THROTTLED_S of its own waiting."""
     gate = gate or Gate(1)
     spent = {"retries": 0, "waits": 0, "waited_s": 0.0}
     while True:
