@@ -2778,7 +2778,7 @@ class Gate:
             return self.limit
 
 
-def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callable[[str], None],
+def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callable[..., None],
                       gate: Optional[Gate] = None, transfer: Transfer = Transfer()) -> HttpResponse:
     """Retry what cannot have been billed: connection failures, 408/409/429 and 5xx. A 429 is waited
     out without spending --retries (nothing was billed), up to MAX_THROTTLED_S of its own waiting."""
@@ -2807,7 +2807,8 @@ def send_with_retries(request: HttpRequest, config: ApiConfig, *, notify: Callab
         spent["waits" if status == 429 else "retries"] += 1
         spent["waited_s"] += delay if status == 429 else 0.0
         notify(f"429: pausing all workers {delay:.1f} s" + (f"; at most {limit} in flight now" if limit else "")
-               if status == 429 else f"{reason}; retry {spent['retries']} of {config.retries} in {delay:.1f} s")
+               if status == 429 else f"{reason}; retry {spent['retries']} of {config.retries} in {delay:.1f} s",
+               **({"in_flight": limit} if limit else {}))
 
 
 def retry_again(response: HttpResponse, config: ApiConfig, spent: Mapping[str, float], *, streamed: bool) -> bool:
@@ -2823,9 +2824,9 @@ def retry_again(response: HttpResponse, config: ApiConfig, spent: Mapping[str, f
     return True
 
 
-def announce_limit(limit: Optional[int], notify: Callable[[str], None]) -> None:
+def announce_limit(limit: Optional[int], notify: Callable[..., None]) -> None:
     if limit:
-        notify(f"back to {limit} in flight")
+        notify(f"back to {limit} in flight", in_flight=limit)
 
 
 # --- Response decoding and file output ---
@@ -3620,8 +3621,8 @@ def fetch_answer(job: ImageJob, config: ApiConfig, *, spool: Path, emit: Emit,
         with open(spool, "w+b") as handle:
             transfer = Transfer(spool=handle, limit=answer_cap(job), on_stage=on_stage,
                                 on_preview=previews.hear if previews else None)
-            response = send_with_retries(request, config, notify=lambda text: emit("retry", message=text),
-                                         gate=gate, transfer=transfer)
+            response = send_with_retries(request, config, gate=gate, transfer=transfer,
+                                         notify=lambda text, **more: emit("retry", message=text, **more))
             if not 200 <= response.status < 300:
                 raise stream_refusal(response) if job.streamed and stream_refused(response) else \
                     error_for_status(response, config)
@@ -3746,10 +3747,10 @@ def cost_text(cost: Optional[Mapping[str, Any]]) -> str:
     return f"cost ${cost['usd']:.4f}" + (f" ({cost['note']})" if cost.get("note") else "")
 
 
-def mismatches(job: ImageJob, image: SavedImage) -> list[str]:
+def mismatches(job: ImageJob, image: SavedImage, names: Sequence[str] = ("size", "format", "frames")) -> list[str]:
     both = requested_and_real(job, image)
     return [f"asked for {name} {both[f'{name}_requested']} but {image.path.name} has {both[f'{name}_real']}"
-            for name in ("size", "format", "frames") if f"{name}_real" in both and both[f"{name}_requested"]
+            for name in names if f"{name}_real" in both and both[f"{name}_requested"]
             and both[f"{name}_real"] and both[f"{name}_requested"] != both[f"{name}_real"]]
 
 
@@ -3760,7 +3761,7 @@ def kept_bytes_error(image: SavedImage) -> ServiceError:
 
 def size_warnings(job: ImageJob, saved: Sequence[SavedImage]) -> list[str]:
     """The format is warned about as it is saved; size and frames here."""
-    return [text for image in saved for text in mismatches(job, image) if not text.startswith("asked for format")]
+    return [text for image in saved for text in mismatches(job, image, ("size", "frames"))]
 
 
 def strict_size_error(job: ImageJob, saved: Sequence[SavedImage]) -> Optional[ToolError]:
@@ -4490,13 +4491,18 @@ class BatchRun:
                                                     f"{err.strerror or err}")
             self.worker.emit("item_done", record=record)
             self.lines[record["item"]] = manifest_line(record, self.plan.manifest.parent)
-            due = time.monotonic() - self.gallery_at >= GALLERY_REFRESH_S
-            problem = self.refresh_gallery() if self.plan.gallery and due else None
+            due = self.plan.gallery and time.monotonic() - self.gallery_at >= GALLERY_REFRESH_S
+            page = self.gallery_page() if due else None
+        problem = write_gallery(self.plan.gallery_path, *page) if page else None    # the disk, outside the lock
         if problem:
             self.worker.emit("warning", message=problem)
 
     def refresh_gallery(self) -> Optional[str]:
-        """The page as the batch stands: each ended item as the manifest has it, the others not run yet."""
+        return write_gallery(self.plan.gallery_path, *self.gallery_page())
+
+    def gallery_page(self) -> tuple[str, str, list[dict[str, Any]]]:
+        """The page as the batch stands (title, totals, entries): each ended item as the manifest has
+        it, the others waiting, running or not run. Under self.lock."""
         def waiting(item: BatchItem) -> str:
             return "running" if item.number in self.reserved else "not_run" if self.stop_error else "waiting"
 
@@ -4508,9 +4514,8 @@ class BatchRun:
         totals = (f"{counts['ok']} done, {counts['failed']} failed, {counts['skipped']} skipped, {counts['not_run']} "
                   f"not run, {counts['running']} running, {counts['waiting']} waiting; "
                   f"{clock(time.monotonic() - self.started)}" + (f"; {cost_text(spent)}" if spent else ""))
-        title = self.plan.description or self.plan.source.name
         self.gallery_at = time.monotonic()
-        return write_gallery(self.plan.gallery_path, title, totals, entries)
+        return self.plan.description or self.plan.source.name, totals, entries
 
     def wait(self) -> None:
         while not self.all_done.wait(0.1):
@@ -4908,7 +4913,7 @@ def begin_job(start: JobStart, console: Console, *, detach: bool) -> Optional[in
     return EXIT_OK
 
 
-def interrupt_job(start: JobStart, signal_name: str, console: Console) -> ToolError:
+def interrupt_job(start: JobStart, signal_name: str) -> ToolError:
     """Ctrl-C, SIGTERM or SIGHUP while waiting: before the request is completely sent the job is
     cancelled (nothing billed); after, the command stops waiting and the job goes on."""
     code = SIGNAL_EXITS[signal_name]
@@ -5035,7 +5040,7 @@ def follow_single(start: JobStart, console: Console, *, max_wait: Optional[float
         with ProgressTicker(console, began), state_folder_errors(start.files.folder):
             record = watch.wait(max_wait=max_wait)
     except (KeyboardInterrupt, Signalled) as stop:
-        raise interrupt_job(start, signal_name(stop), console) from None
+        raise interrupt_job(start, signal_name(stop)) from None
     return report_single(start.files, record, console)
 
 
@@ -5101,8 +5106,7 @@ class BatchMonitor:
         item, an item's previews stay off the console."""
         if event["event"] == "retry" and "item" in event:
             self.console.progress(f"item {event['item']}: {event['message']}")
-            limit = re.search(r"at most (\d+) in flight now|back to (\d+) in flight", str(event["message"]))
-            self.in_flight = int(limit.group(1) or limit.group(2)) if limit else self.in_flight
+            self.in_flight = int(event.get("in_flight") or self.in_flight)
         elif event["event"] == "item_started":
             self.running.add(int(event["item"]))
         elif event["event"] == "item_done":
@@ -5160,7 +5164,7 @@ def follow_batch(start: JobStart, console: Console, *, max_wait: Optional[float]
             record = watch.wait(max_wait=max_wait, on_poll=monitor.show_status)
     except (KeyboardInterrupt, Signalled) as stop:
         console.end_live()
-        raise interrupt_job(start, signal_name(stop), console) from None
+        raise interrupt_job(start, signal_name(stop)) from None
     finally:
         console.end_live()
     code = report_batch(monitor, record, console)
@@ -5615,9 +5619,8 @@ def earlier_output_tokens(env: Mapping[str, str], manifest: Optional[Path] = Non
         spec, result = record.get("spec"), record.get("result")
         if record.get("kind") == "single" and isinstance(spec, dict) and isinstance(result, dict):
             with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
-                fields = spec["fields"]
-                mode = "edit" if spec.get("images") else "generate"
-                add_tokens(seen, request_shape(fields, mode), result["meta"]["usage"], fields.get("n", 1))
+                job = job_from_plain(spec)
+                add_tokens(seen, request_shape(job.fields, job.mode), result["meta"]["usage"], job.n)
     for line in read_manifest(manifest)[0] if manifest else ():
         with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError, IndexError):
             if line["status"] == "ok":
@@ -5768,7 +5771,7 @@ def price_batch(plan: BatchPlan, config: ApiConfig, env: Mapping[str, str], max_
                          hint="drop --max-cost, or choose models and qualities with published prices",
                          field="max_cost")
     first = next(iter(estimates.values()), None)
-    if max_cost is not None and first is not None and first["high"] > max_cost:
+    if first is not None:
         check_budget(first, max_cost, f"item {plan.to_run[0].number}")
     items = tuple(dataclasses.replace(item, cost_high=estimates[item.number]["high"]) if item.number in estimates
                   else item for item in plan.items)

@@ -480,8 +480,8 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_on_a_terminal_the_status_line_is_cleared_before_a_path(online: CliRunner, api: FakeImagesAPI,
-                                                                isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_a_terminal_the_status_line_is_cleared_before_a_path(online: CliRunner, api: FakeImagesAPI, isolated: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     api.route = lambda request: Reply(body=SMALL_ANSWER, delay=0.3)
     monkeypatch.setattr(gi, "PROGRESS_TTY_INTERVAL_S", 0.05)
     screen = Terminal()     # stdout and stderr on one terminal, as a person sees them
@@ -526,7 +526,8 @@ def test_the_time_left_follows_the_limit_the_gateway_allows(isolated: Path) -> N
     monitor = gi.BatchMonitor(plan, gi.Console(json_mode=False))
     monitor.records = {n: {"item": n, "status": "ok", "elapsed_s": 60.0} for n in (98, 99)}   # two ended: 1 min each
     before = monitor.time_left()
-    monitor.on_event({"event": "retry", "item": 3, "message": "429: pausing all workers 5.0 s; at most 2 in flight now"})
+    monitor.on_event({"event": "retry", "item": 3, "message": "429: pausing all workers 5.0 s; at most 2 in flight now",
+                      "in_flight": 2})
     after = monitor.time_left()
-    monitor.on_event({"event": "retry", "item": 4, "message": "back to 4 in flight"})
+    monitor.on_event({"event": "retry", "item": 4, "message": "back to 4 in flight", "in_flight": 4})
     assert (before, after, monitor.time_left()) == (2 * 60.0, 7 * 60.0, 4 * 60.0)
