@@ -41,7 +41,7 @@ exit codes:
   0    every requested image written
   1    a bug: report it with the traceback
   2    bad arguments or input; nothing was sent
-  3    no API key, or the key was refused (401/403)
+  3    no API key, or the key was refused (401/402/403)
   4    the API refused the request (400/404/413/415/422), or the safety system did
   5    service unavailable or unusable answer, after retries: retry later
   6    timed out or dropped after sending: may have been billed, not retried
