@@ -2046,46 +2046,76 @@ function safetyRefusal(message, serverText, { status = null, code = '', body = '
   return new RefusedError(message, { status, code: code || null, kind: 'safety_refusal', hint: SAFETY_HINT, body, details });
 }
 
-/** The answer's JSON with each b64_json value emptied (it parses small), and the spool span of each value. */
-function scanB64Values(data) {
-  const key = Buffer.from('"b64_json"');
-  const skeleton = [];
-  const spans = [];
-  let copied = 0;
-  for (let at = data.indexOf(key); at >= 0; at = data.indexOf(key, copied)) {
-    let position = at + key.length;
-    while (position < data.length && /\s/.test(String.fromCharCode(data[position]))) position += 1;
-    if (data[position] !== 0x3a) {
-      skeleton.push(data.subarray(copied, at + 1));
-      copied = at + 1;
-      continue;
-    }
-    position += 1;
-    while (position < data.length && /\s/.test(String.fromCharCode(data[position]))) position += 1;
-    if (data[position] !== 0x22) {
-      skeleton.push(data.subarray(copied, position));
-      copied = position;
-      continue;
-    }
-    const open = position + 1;
-    const close = closingQuote(data, open);
-    if (close < 0) throw new Error(`the b64_json value at ${open} is not terminated`);
-    skeleton.push(data.subarray(copied, open));
-    spans.push([open, close]);
-    copied = close;
+/** The answer's JSON with each b64_json value emptied (it parses small), and the spool span of each
+ * value's characters. The spool is read a piece at a time and the values are skipped, never copied:
+ * memory is the skeleton and one piece, however large the images. Only strings matter to find them:
+ * outside strings JSON holds no quote. */
+function scanB64Values(handle, size) {
+  const scan = { skeleton: [], spans: [], inString: false, inValue: false, escaped: false, text: [], afterKey: 0,
+    opened: 0 };
+  for (let offset = 0; offset < size;) {
+    const piece = readAt(handle, offset, Math.min(SPOOL_PIECE, size - offset));
+    if (!piece.length) throw new Error(`the file ends at ${offset}, before ${size}`);
+    scanPiece(scan, piece, offset);
+    offset += piece.length;
   }
-  skeleton.push(data.subarray(copied));
-  return [Buffer.concat(skeleton), spans];
+  if (scan.inValue || scan.inString) throw new Error('the answer ends inside a string');
+  return [Buffer.from(scan.skeleton), scan.spans];
 }
 
-/** The first quote not escaped by a backslash from start, or -1. */
-function closingQuote(data, start) {
-  for (let quote = data.indexOf(0x22, start); quote >= 0; quote = data.indexOf(0x22, quote + 1)) {
-    let run = 0;
-    while (quote - run - 1 >= start && data[quote - run - 1] === 0x5c) run += 1;
-    if (run % 2 === 0) return quote;
+const B64_KEY = Buffer.from('b64_json');
+
+function scanPiece(scan, piece, offset) {
+  for (let index = 0; index < piece.length;) {
+    if (scan.inValue) {
+      index = skipValue(scan, piece, index, offset);
+      continue;
+    }
+    const byte = piece[index];
+    index += 1;
+    if (scan.inString) {
+      scan.skeleton.push(byte);
+      if (scan.escaped) scan.escaped = false;
+      else if (byte === 0x5c) scan.escaped = true;
+      else if (byte === 0x22) scan.inString = false;
+      else if (scan.text.length <= B64_KEY.length) scan.text.push(byte);
+      if (!scan.inString) scan.afterKey = Buffer.from(scan.text).equals(B64_KEY) ? 1 : 0;
+      continue;
+    }
+    scan.skeleton.push(byte);
+    if (byte === 0x22 && scan.afterKey === 2) {
+      Object.assign(scan, { inValue: true, escaped: false, opened: offset + index, afterKey: 0 });
+    } else if (byte === 0x22) {
+      Object.assign(scan, { inString: true, escaped: false, text: [], afterKey: 0 });
+    } else if (byte === 0x3a && scan.afterKey === 1) {
+      scan.afterKey = 2;
+    } else if (!/\s/.test(String.fromCharCode(byte))) {
+      scan.afterKey = 0;
+    }
   }
-  return -1;
+}
+
+/** Inside a b64_json value: jump to its closing quote (one not escaped), or to the end of the piece. */
+function skipValue(scan, piece, index, offset) {
+  for (let at = index; ;) {
+    const quote = piece.indexOf(0x22, at);
+    const end = quote < 0 ? piece.length : quote;
+    let run = 0;
+    while (end - run - 1 >= at && piece[end - run - 1] === 0x5c) run += 1;
+    const escaped = end - run === at ? (scan.escaped !== (run % 2 === 1)) : run % 2 === 1;
+    if (quote < 0) {
+      scan.escaped = escaped;
+      return piece.length;
+    }
+    if (!escaped) {
+      scan.spans.push([scan.opened, offset + quote]);
+      scan.skeleton.push(0x22);
+      scan.inValue = false;
+      return quote + 1;
+    }
+    scan.escaped = false;
+    at = quote + 1;
+  }
 }
 
 function loadJsonObject(raw) {
@@ -2107,12 +2137,11 @@ function silentRefusal() {
 }
 
 /** The answer's JSON without its base64, and where each image is (a span of the spool, or a URL). */
-function readSpooledAnswer(spool) {
-  const data = fs.readFileSync(spool);
+function readSpooledAnswer(spool, handle) {
   let skeleton;
   let spans;
   try {
-    [skeleton, spans] = scanB64Values(data);
+    [skeleton, spans] = scanB64Values(handle, fs.fstatSync(handle).size);
   } catch {
     throw new ServiceError('the answer ends inside an image (it was cut off)', { hint: PAID_ANSWER_HINT });
   }
@@ -2140,34 +2169,40 @@ function readSpooledAnswer(spool) {
     if (typeof item.url === 'string' && item.url) return item.url;
     throw new ServiceError('an image in the answer is empty (no b64_json or url)', { hint: PAID_ANSWER_HINT });
   });
-  return [meta, sources, data];
+  return [meta, sources];
 }
 
-/** Decode one base64 span into the file, piece by piece: \/ and wrapped lines allowed, a data: URL's
- * prefix skipped, characters outside base64 ignored as binascii does, the data ends at its padding. */
-function decodeSpan(data, [begin, end], handle) {
+/** Decode one base64 span of the spool into the file, a piece at a time: \/ and wrapped lines
+ * allowed, a data: URL's prefix skipped, characters outside base64 ignored as binascii does, the data
+ * ending at its padding. Returns the bytes written and their sha256. */
+function decodeSpan(spool, [begin, end], out) {
   if (begin === end) throw new ServiceError('an image in the answer is empty (b64_json is blank)', { hint: PAID_ANSWER_HINT });
-  const head = data.toString('latin1', begin, Math.min(end, begin + 256));
+  const head = readAt(spool, begin, Math.min(end - begin, 256)).toString('latin1');
   if (head.startsWith('data:')) {
-    const comma = head.indexOf(',');
-    if (comma < 0) throw badBase64('the value is a data: URL without base64 after it');
-    begin += comma + 1;
+    if (!head.includes(',')) throw badBase64('the value is a data: URL without base64 after it');
+    begin += head.indexOf(',') + 1;
   }
-  const text = data.toString('latin1', begin, end);
-  if (/\\(?![/nrt])/.test(text)) throw badBase64('the base64 value holds a JSON escape other than \\/, \\n, \\r, \\t');
-  let clean = text.replace(/\\\//g, '/').replace(/\\[nrt]/g, '').replace(/[^A-Za-z0-9+/=]/g, '');
-  const padding = clean.indexOf('=');
-  if (padding >= 0) clean = clean.slice(0, padding);
-  if (clean.length % 4 === 1) throw badBase64('not valid base64: incorrect padding (the value may be cut short)');
-  if (padding < 0 && clean.length % 4) throw badBase64('not valid base64: incorrect padding (the value may be cut short)');
   const digest = crypto.createHash('sha256');
-  let written = 0;
-  for (let at = 0; at < clean.length; at += SPOOL_PIECE) {
-    const piece = Buffer.from(clean.slice(at, at + SPOOL_PIECE), 'base64');
-    fs.writeSync(handle, piece);
+  let [written, pending, backslash, ended] = [0, '', '', false];
+  for (let at = begin; at < end && !ended;) {
+    const raw = readAt(spool, at, Math.min(SPOOL_PIECE, end - at));
+    at += raw.length;
+    let text = backslash + raw.toString('latin1');
+    backslash = /(^|[^\\])(\\\\)*\\$/.test(text) ? '\\' : '';
+    text = text.slice(0, text.length - backslash.length);
+    if (/\\(?![/nrt])/.test(text)) throw badBase64('the base64 value holds a JSON escape other than \\/, \\n, \\r, \\t');
+    text = pending + text.replace(/\\\//g, '/').replace(/\\[nrt]/g, '').replace(/[^A-Za-z0-9+/=]/g, '');
+    const padding = text.indexOf('=');
+    ended = padding >= 0;
+    const usable = ended ? text.slice(0, padding) : text.slice(0, text.length - (text.length % 4));
+    pending = ended ? usable.slice(usable.length - (usable.length % 4)) : text.slice(usable.length);
+    const piece = Buffer.from(usable, 'base64');
+    fs.writeSync(out, piece);
     digest.update(piece);
     written += piece.length;
   }
+  if (backslash) throw badBase64('the base64 value ends inside an escape');
+  if (pending.length % 4 === 1 || (!ended && pending)) throw badBase64('not valid base64: incorrect padding (the value may be cut short)');
   if (!written) throw badBase64('the base64 value is empty');
   return [written, digest.digest('hex')];
 }
@@ -2798,8 +2833,18 @@ async function fetchAnswer(job, config, { spool, emit, onStage }) {
 
 /** Decode and write what the spooled answer holds: a run, or a recovery. */
 async function saveSpooledAnswer(job, spool, received, config) {
-  const [meta, sources, data] = readSpooledAnswer(spool);
-  const [saved, warnings, firstProblem] = await saveAll(job, sources, data, config);
+  const handle = fs.openSync(spool, 'r');
+  let meta;
+  let saved;
+  let warnings;
+  let firstProblem;
+  try {
+    let sources;
+    [meta, sources] = readSpooledAnswer(spool, handle);
+    [saved, warnings, firstProblem] = await saveAll(job, sources, handle, config);
+  } finally {
+    fs.closeSync(handle);
+  }
   let problem = firstProblem;
   const cost = costOf(job, meta, config.price_multiplier);
   for (const image of job.output.metadata ? saved : []) {
@@ -2825,7 +2870,7 @@ async function saveSpooledAnswer(job, spool, received, config) {
 
 /** Save every image that decodes; a bad one does not cost the good ones. A failure to write anywhere
  * (save_failed) is raised: the spool keeps the answer for a later attach. */
-async function saveAll(job, sources, data, config) {
+async function saveAll(job, sources, spool, config) {
   const targets = outputPaths(job.output, jobN(job));
   const saved = [];
   let problem = null;
@@ -2838,7 +2883,7 @@ async function saveAll(job, sources, data, config) {
     try {
       const bytes = typeof source === 'string' ? await downloadImage(source, config.timeout_s) : null;
       const fill = bytes ? (handle) => [fs.writeSync(handle, bytes), sha256(bytes)]
-        : (handle) => decodeSpan(data, source, handle);
+        : (handle) => decodeSpan(spool, source, handle);
       image = saveImage(fill, target, job.output.overwrite);
     } catch (err) {
       if (!(err instanceof ToolError) || err.kind === 'save_failed') throw err;
@@ -3551,7 +3596,7 @@ function checkModeFlags(args) {
     const flag = args.dry_run ? '--dry-run' : '--max-wait';
     throw new UsageError(`--detach cannot be combined with ${flag}`, { hint: '--detach returns at once; drop one' });
   }
-  if (args.prompt === null) throw new UsageError('no prompt: give -p TEXT', { hint: `see ${PROG} --help` });
+  if (args.prompt === null) throw new UsageError('no prompt: give -p TEXT, or --batch FILE for many images', { hint: `see ${PROG} --help` });
 }
 
 /** The connection settings; from here on the key is masked in everything printed. */

@@ -434,6 +434,10 @@ WINDOWS_NAME_RULE = ("is not a file name Windows accepts (reserved names like CO
 WINDOWS_DETACHED_PROCESS = 0x00000008
 WINDOWS_NEW_PROCESS_GROUP = 0x00000200
 WINDOWS_BREAKAWAY_FROM_JOB = 0x01000000
+# Whether a process lives (pid_alive): open it to query, and read its exit code.
+WINDOWS_QUERY_LIMITED_INFORMATION = 0x1000
+WINDOWS_ACCESS_DENIED = 5
+WINDOWS_STILL_ACTIVE = 259
 
 
 # --- Exceptions ---
@@ -4036,9 +4040,39 @@ def worker_alive(files: JobFiles, record: Mapping[str, Any]) -> bool:
     if record.get("state") in FINISHED_STATES:
         return False
     with held_lock(files.lock) as free:
-        if not free:
+        if not free or pid_worker_alive(record):
             return True
     return record.get("state") == "starting" and time.time() - record.get("created_at", 0) < WORKER_START_GRACE_S
+
+
+def pid_worker_alive(record: Mapping[str, Any]) -> bool:
+    """A worker of the Node.js twin holds no lock (Node has none that the system drops when its holder
+    dies): its record says so, and its pid tells whether it lives."""
+    return record.get("liveness") == "pid" and isinstance(record.get("pid"), int) and pid_alive(record["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    """Signal 0 tests a process without touching it on POSIX; on Windows os.kill would end it, so the
+    process is opened and its exit code read (259: still active)."""
+    if os.name == "nt":
+        import ctypes
+
+        kernel = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel.OpenProcess(WINDOWS_QUERY_LIMITED_INFORMATION, False, pid)
+        if not handle:
+            return kernel.GetLastError() == WINDOWS_ACCESS_DENIED
+        code = ctypes.c_ulong()
+        try:
+            return bool(kernel.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == WINDOWS_STILL_ACTIVE
+        finally:
+            kernel.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -4986,7 +5020,7 @@ def cancel_worker(files: JobFiles, record: dict[str, Any], *, mode: str = "alway
     worker that is gone, or never started, is settled here under its lock."""
     files.cancel.write_text(mode, encoding="ascii")
     with held_lock(files.lock) as free:
-        if free:
+        if free and not pid_worker_alive(read_record(files.record) or record):
             return mark_cancelled(files, read_record(files.record) or record)
     latest = wait_for_pid(files) or record
     if latest.get("detached") and latest.get("pid") and (mode == "always" or os.name != "nt"):
@@ -4997,7 +5031,7 @@ def cancel_worker(files: JobFiles, record: dict[str, Any], *, mode: str = "alway
         if latest["state"] in FINISHED_STATES or (mode == "unless-sent" and latest.get("sent")):
             return latest
         with held_lock(files.lock) as gone:
-            if gone:
+            if gone and not pid_worker_alive(read_record(files.record) or latest):
                 return mark_cancelled(files, read_record(files.record) or latest)
         time.sleep(0.02)
     return latest
@@ -5083,8 +5117,8 @@ def conclude(files: JobFiles, record: dict[str, Any], console: Console) -> dict[
         return record
     with held_lock(files.lock, wait_s=1) as mine:
         latest = read_record(files.record) or record
-        if not mine:
-            return latest               # a worker still holds it: wait on
+        if not mine or pid_worker_alive(latest):
+            return latest               # a worker still holds it (or, the Node.js twin's, still lives): wait on
         latest = settle_dead_worker(files, latest)
         return recover_from_spool(files, latest, console) if needs_recovery(files, latest) else latest
 
