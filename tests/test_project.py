@@ -268,3 +268,29 @@ def test_the_script_is_executable() -> None:
     mode = subprocess.run(["git", "ls-files", "-s", "scripts/generate_image.py"], cwd=ROOT, capture_output=True,
                           text=True).stdout.split()[:1]
     assert mode in ([], ["100755"])     # outside a git checkout (an sdist) only the file mode counts
+
+
+NODE_PREFIXES = ("node scripts/generate_image.js ", "node SKILL_DIR/scripts/generate_image.js ")
+
+
+def documented_node_commands() -> list[pytest.param]:
+    return [pytest.param(line, id=f"{path.name}:{line.split(' ', 2)[2][:40]}") for path in DOCUMENTS
+            for line in code_block_lines(path) if line.startswith(NODE_PREFIXES)]
+
+
+def test_documents_show_the_node_twin() -> None:
+    assert len(documented_node_commands()) >= 3     # README, README.zh-CN and SKILL.md each show one
+
+
+@pytest.mark.parametrize("line", documented_node_commands())
+def test_documented_node_command_works_against_a_local_server(api, isolated: Path, line: str) -> None:
+    from twins import run_twin, script_env, skip_reason
+
+    if skip_reason("node"):
+        pytest.skip(skip_reason("node"))
+    words = shlex.split(line, comments=True)[2:]
+    env = script_env(APIYI_API_KEY="sk-test-NOT-A-REAL-KEY-0123456789abcdef", APIYI_BASE_URL=api.url,
+                     APIYI_WORKER="inprocess")
+    done = run_twin("node", *words, env=env, cwd=isolated)
+    assert done.returncode == 0, done.stderr.decode()
+    assert [(isolated / p).is_file() for p in done.stdout.decode().splitlines()] == [True]
