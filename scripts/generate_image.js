@@ -26,6 +26,7 @@ const https = require('node:https');
 const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
+const tls = require('node:tls');
 
 // --- Constants ---
 
@@ -1665,14 +1666,39 @@ function reasonText(err) {
   return String((err && err.message) || err || 'unknown error');
 }
 
-/** Node has no proxy support of its own; rather than silently going around one, this twin says so. */
-function checkNoProxy(baseUrl, env) {
-  const proxy = proxyFor(baseUrl, env);
-  if (proxy) {
-    throw new UsageError(`a proxy is set for ${new URL(baseUrl).hostname} (${baseUrl.startsWith('https:')
-      ? 'HTTPS_PROXY' : 'HTTP_PROXY'} or ALL_PROXY), and the Node.js twin does not go through proxies`,
-    { hint: `run ${PYTHON_TWIN} (it does), or add the host to NO_PROXY if it is reachable directly` });
+/** How a request reaches its URL, as urllib routes it for the Python twin: directly, or through the
+ * proxy the environment names (loopback never): https as a CONNECT tunnel the proxy cannot read, plain
+ * http in absolute form (checkProxy has refused that unless --allow-http-proxy). */
+function requestOptions(url, request, env = process.env) {
+  const options = { method: request.method, headers: request.headers };
+  const proxy = proxyFor(url.href, env);
+  if (!proxy) return [url, { ...options, agent: false }];
+  const via = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(proxy) ? proxy : `http://${proxy}`);
+  const credentials = via.username ? { 'Proxy-Authorization': `Basic ${Buffer.from(
+    `${decodeURIComponent(via.username)}:${decodeURIComponent(via.password)}`).toString('base64')}` } : {};
+  if (url.protocol === 'http:') {
+    return [url, { ...options, host: via.hostname.replace(/^\[|\]$/g, ''), port: via.port || 80, path: url.href,
+      headers: { Host: url.host, ...options.headers, ...credentials }, agent: false, setHost: false }];
   }
+  return [url, { ...options, createConnection: (_, done) => openTunnel(via, url, credentials, done) }];
+}
+
+/** A CONNECT tunnel through the proxy to the URL's host, with TLS to that host inside it. */
+function openTunnel(via, url, credentials, done) {
+  const target = `${url.hostname.replace(/^\[|\]$/g, '')}:${url.port || 443}`;
+  const connect = http.request({ host: via.hostname.replace(/^\[|\]$/g, ''), port: via.port || 80, method: 'CONNECT',
+    path: target, headers: { Host: target, ...credentials }, agent: false });
+  connect.once('connect', (answer, socket) => {
+    if (answer.statusCode !== 200) {
+      socket.destroy();
+      done(Object.assign(new Error(`the proxy ${via.host} refused the tunnel (HTTP ${answer.statusCode})`),
+        { code: 'EPROXY' }));
+      return;
+    }
+    done(null, tls.connect({ socket, servername: net.isIP(url.hostname) ? undefined : url.hostname }));
+  });
+  connect.once('error', (err) => done(err));
+  connect.end();
 }
 
 /** The body goes out piece by piece (files streamed from disk, waiting for the socket to drain), so a
@@ -1723,7 +1749,8 @@ function sendRequest(request, { timeoutS, spool = null, limit = MAX_IMAGE_BYTES,
     const url = new URL(request.url);
     const state = { sent: false, expired: '', settled: false, timer: null };
     const lib = url.protocol === 'https:' ? https : http;
-    const req = lib.request(url, { method: request.method, headers: request.headers, agent: false });
+    const [target, options] = requestOptions(url, request);
+    const req = options.host ? http.request(options) : lib.request(target, options);
     CURRENT.request = req;
     const finish = (err, response) => {
       if (state.settled) return;
@@ -3602,7 +3629,6 @@ function checkModeFlags(args) {
 /** The connection settings; from here on the key is masked in everything printed. */
 function connect(args, console, env, jobWarnings) {
   const [config, configWarnings] = buildConfig(args, env);
-  if (!args.dry_run) checkNoProxy(config.base_url, env);
   if (config.api_key) console.secrets.push(config.api_key);
   [...jobWarnings, ...configWarnings].forEach((warning) => console.warn(warning));
   return config;
@@ -3712,7 +3738,7 @@ const HELP_GROUPS = [
     [null, '--base-url', 'base_url', 'value', null, 'URL', `API base (default: $${ENV_BASE_URL}, else ${DEFAULT_BASE_URL})`],
     [null, '--timeout', 'timeout', 'value', positiveSeconds, 'S', 'seconds for the whole answer once sent (default 600)'],
     [null, '--retries', 'retries', 'value', intInRange(0, MAX_RETRIES), 'N', 'retries on connection failure, 408, 409, 429 and 5xx (default 2)'],
-    [null, '--allow-http-proxy', 'allow_http_proxy', 'flag', null, null, 'accepted for the Python twin\'s sake; this twin uses no proxy'],
+    [null, '--allow-http-proxy', 'allow_http_proxy', 'flag', null, null, 'let a plain-http base URL go through the HTTP proxy set in the environment (it sees the key)'],
     [null, '--dry-run', 'dry_run', 'flag', null, null, 'check everything and print the request (key redacted); sends nothing'],
   ]],
   ['jobs (each request runs in a worker that outlives this command; the same command again attaches to it)', [
