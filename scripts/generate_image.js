@@ -2735,13 +2735,20 @@ function startWorkerProcess(files, key, env) {
   const log = fs.openSync(files.log, 'a');
   try {
     const child = childProcess.spawn(process.execPath, [__filename, '--run-job', files.record],
-      { detached: true, stdio: ['ignore', log, log], env: childEnv, windowsHide: true });
+      workerSpawnOptions(log, childEnv));
     child.on('error', () => {});
     child.unref();
     if (!child.pid) throw new Error('the worker did not start');
   } finally {
     fs.closeSync(log);
   }
+}
+
+/** A session of its own on POSIX (setsid: the caller's Ctrl-C and hang-up do not reach it); on Windows
+ * a new process group with no console window. Unlike the Python twin, Node cannot ask Windows to take
+ * the worker out of the caller's job object. */
+function workerSpawnOptions(log, env) {
+  return { detached: true, stdio: ['ignore', log, log], env, windowsHide: true };
 }
 
 /** A detached process; else the job runs inside this command, said once. */
@@ -3924,4 +3931,6 @@ if (require.main === module) {
   });
 }
 
-module.exports = { MODEL_PROFILES, main, parseArgs, pyJson };
+// For the tests of what differs by platform (tests/test_twin_platforms.py) and the table's comparison.
+module.exports = { MODEL_PROFILES, main, nameSize, parseArgs, pidAlive, planOutputPath, pyJson, stateFolder,
+  workerSpawnOptions };
