@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmarks: this tool next to the official openai SDK and a curl | base64 floor, side by side.
+"""Benchmarks: this tool and its Node.js twin next to the official openai SDK and a curl | base64 floor.
 
     python bench/run.py                 # the full run (about 4 minutes); writes docs/benchmarks.md
     python bench/run.py --quick         # one repetition, small inputs (the test suite runs this)
@@ -9,17 +9,21 @@ Everything runs against a fake Images API on 127.0.0.1 (tests/fake_api.py) that 
 Each case is a separate process; wall time is measured around it and peak memory is the largest
 resident set of the process (or of its pipeline) reported by wait4. The tool's request runs in a
 detached worker process, which wait4 does not see: its peak is the one the worker records in its job
-record. Standard library only; the SDK columns need `pip install openai` and are left out without it.
+record. Standard library only; the SDK columns need `pip install openai`, the Node twin's rows
+(scripts/generate_image.js) Node 18 or later, and each is left out, with a line in the report, without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
 import struct
 import subprocess
@@ -36,6 +40,8 @@ from fake_api import FakeImagesAPI, Reply, make_png, quota_route, sse_images, st
 from peak import measured_run  # noqa: E402
 
 SCRIPT = ROOT / "scripts" / "generate_image.py"
+NODE_SCRIPT = ROOT / "scripts" / "generate_image.js"
+NODE_OLDEST = 18
 KEY = "sk-bench-NOT-A-REAL-KEY"
 PY = sys.executable
 SDK_GENERATE = """import base64, sys, openai
@@ -86,15 +92,72 @@ atexit.register(record)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+# The same for the Node twin, loaded with `node --require`. It takes the variable out of the
+# environment, so a worker the command starts (even with the same --require) does not write the file.
+NODE_OWN_PEAK = """const fs = require("fs");
+const peakFile = process.env.BENCH_PEAK_FILE;
+delete process.env.BENCH_PEAK_FILE;
+process.on("exit", () => {
+  const peak = fs.readFileSync("/proc/self/status", "utf8").match(/^VmHWM:\\s+(\\d+)/m)[1];
+  fs.writeFileSync(peakFile, peak);
+});
+"""
 
 
-def command_peak(bench: "Bench", args: list[str]) -> Optional[float]:
-    """The waiting command's own peak resident MB (None where /proc is missing)."""
+@dataclasses.dataclass(frozen=True)
+class Twin:
+    """One implementation of the tool as the benchmark starts it: this script or its Node.js twin."""
+
+    key: str                        # starts its rows' keys: "tool" for this script, "node" for the twin
+    title: str                      # names its end-to-end rows
+    tag: str                        # starts its targets' text ("" for this script)
+    name: str                       # the interpreter, as the report shows it
+    executable: str
+    script: Path
+    bare: tuple[str, ...]           # what makes the interpreter start and do nothing
+    recorder: tuple[str, ...]       # what makes it record its own peak into BENCH_PEAK_FILE
+
+    @property
+    def command(self) -> list[str]:
+        return [self.executable, str(self.script)]
+
+    @property
+    def recording(self) -> list[str]:
+        return [self.executable, *self.recorder, str(self.script)]
+
+    def shown(self, *args: str) -> str:
+        return f"`{self.name} {self.script.relative_to(ROOT).as_posix()} {' '.join(args)}`"
+
+
+PYTHON = Twin("tool", "this tool", "", "python", PY, SCRIPT, ("-c", "pass"), ("-c", OWN_PEAK))
+
+
+def node_twin(work: Path) -> tuple[Optional[Twin], str]:
+    """The Node twin and the node version, or None and why the twin's rows are left out."""
+    node = shutil.which("node")
+    found = subprocess.run([node, "--version"], capture_output=True, text=True) if node else None
+    version = found.stdout.strip() if found and found.returncode == 0 else ""
+    major = re.match(r"v(\d+)\.", version)
+    if not major:
+        return None, "node is not installed"
+    if int(major.group(1)) < NODE_OLDEST:
+        return None, f"node {version} is older than {NODE_OLDEST}"
+    if not NODE_SCRIPT.exists():
+        return None, f"{NODE_SCRIPT.relative_to(ROOT).as_posix()} is missing"
+    recorder = work / "own-peak.js"
+    recorder.write_text(NODE_OWN_PEAK, encoding="utf-8")
+    return Twin("node", "the Node twin", "the Node twin, ", "node", node, NODE_SCRIPT, ("-e", "0"),
+                ("--require", str(recorder))), f"node {version}"
+
+
+def command_peak(bench: "Bench", command: list[str]) -> Optional[float]:
+    """The waiting command's own peak resident MB (None where /proc is missing); command is a Twin's
+    recording command."""
     if not Path("/proc/self/status").exists():
         return None
     peak_file = bench.work / "peak.txt"
-    subprocess.run([PY, "-c", OWN_PEAK, str(SCRIPT), *args], cwd=bench.work, capture_output=True,
-                   env=bench.env(BENCH_PEAK_FILE=str(peak_file)), check=True)
+    subprocess.run(command, cwd=bench.work, capture_output=True, env=bench.env(BENCH_PEAK_FILE=str(peak_file)),
+                   check=True)
     return int(peak_file.read_text()) * 1024 / 1e6
 
 
@@ -149,6 +212,11 @@ class Bench:
         self.api, self.work, self.times = api, work, times
         self.sdk_version = sdk_version
         self.sdk = sdk_version is not None
+        node, self.node_note = node_twin(work)      # the node version, or why the twin is left out
+        self.twins = [PYTHON, node] if node else [PYTHON]
+        self.left_out = [] if self.sdk else ["the openai SDK rows: openai is not installed (`pip install openai`)"]
+        if not node:
+            self.left_out.append(f"the Node twin's rows: {self.node_note}")
         self.rows: dict[str, Row] = {}
         self.targets: list[tuple[str, str, bool]] = []
 
@@ -173,11 +241,17 @@ class Bench:
         self.rows[key] = repeat(name, self.times, once)
         return self.rows[key]
 
-    def tool(self, *args: str) -> list[str]:
-        return [PY, str(SCRIPT), "--base-url", self.api.url, "-k", KEY, "--quiet", *args]
+    def tool(self, *args: str, twin: Twin = PYTHON, recording: bool = False) -> list[str]:
+        start = twin.recording if recording else twin.command
+        return [*start, "--base-url", self.api.url, "-k", KEY, "--quiet", *args]
 
     def target(self, text: str, value: float, limit: float, unit: str = "x") -> None:
         self.targets.append((text, f"{value:.2f}{unit} (target at most {limit:g}{unit})", value <= limit))
+
+    def allowance(self, twin: Twin, limit: float) -> float:
+        """A MiB limit set for this script, moved for a twin by how much more its bare interpreter
+        weighs (both measured in this run): the same allowance over the interpreter."""
+        return round(limit + mib(self.rows[f"{twin.key}_bare"].mem - self.rows[f"{PYTHON.key}_bare"].mem), 1)
 
 
 def newest_worker_peak(records: set[Path]) -> Optional[float]:
@@ -199,11 +273,14 @@ def installed_openai() -> Optional[str]:
 
 
 def startup(bench: Bench) -> None:
-    bare = bench.run("bare", "`python -c pass`", [PY, "-c", "pass"])
-    tool = bench.run("startup", "`python scripts/generate_image.py --version`", [PY, str(SCRIPT), "--version"])
+    for twin in bench.twins:
+        bare = bench.run(f"{twin.key}_bare", f"`{twin.name} {' '.join(twin.bare)}`", [twin.executable, *twin.bare])
+        tool = bench.run(f"{twin.key}_startup", twin.shown("--version"), [*twin.command, "--version"])
+        bench.run(f"{twin.key}_dry_run", twin.shown("--dry-run -p 'a cat'"),
+                  bench.tool("--dry-run", "-p", "a cat", twin=twin))
+        bench.target(f"start-up / bare {twin.name}", tool.wall / bare.wall, 1.5)
     if bench.sdk:
         bench.run("import_openai", '`python -c "import openai"`', [PY, "-c", "import openai"])
-    bench.target("start-up / bare python", tool.wall / bare.wall, 1.5)
 
 
 def answer_always(bench: Bench, reply: Reply) -> None:
@@ -213,17 +290,23 @@ def answer_always(bench: Bench, reply: Reply) -> None:
 
 def end_to_end(bench: Bench, label: str, image: bytes) -> None:
     answer_always(bench, answer_for(image))
-    tool = bench.run(f"tool_{label}", f"this tool, {label}", bench.tool("-p", "noise", "-f", "out.png", "--overwrite"))
+    answer = ("-p", "noise", "-f", "out.png", "--overwrite")
+    for twin in bench.twins:
+        bench.run(f"{twin.key}_{label}", f"{twin.title}, {label}", bench.tool(*answer, twin=twin))
+        assert (bench.work / "out.png").read_bytes() == image
     floor_command = ["curl", "-s", "-X", "POST", "-H", "'Content-Type: application/json'", "-H",
                      f"'Authorization: Bearer {KEY}'", "-d", "'{\"model\":\"gpt-image-2\",\"prompt\":\"noise\"}'",
                      f"{bench.api.url}/images/generations", "|", "sed", "-e", "'s/.*\"b64_json\": *\"//'", "-e",
                      "'s/\".*//'", "|", "base64", "-d", ">", "floor.png"]
     floor = bench.run(f"floor_{label}", f"curl \\| sed \\| base64 -d, {label}", floor_command, shell=True)
-    assert (bench.work / "out.png").read_bytes() == image == (bench.work / "floor.png").read_bytes()
-    bench.target(f"{label} wall / curl floor", tool.wall / floor.wall, 1.5)
-    own = command_peak(bench, bench.tool("-p", "noise", "-f", "out.png", "--overwrite")[2:])
-    if own is not None:
-        bench.target(f"{label}: the waiting command's own peak", mib(own), 25, " MiB")
+    assert (bench.work / "floor.png").read_bytes() == image
+    for twin in bench.twins:
+        bench.target(f"{twin.tag}{label} wall / curl floor", bench.rows[f"{twin.key}_{label}"].wall / floor.wall, 1.5)
+        own = command_peak(bench, bench.tool(*answer, twin=twin, recording=True))
+        if own is not None:
+            bench.target(f"{twin.tag}{label}: the waiting command's own peak", mib(own), bench.allowance(twin, 25),
+                         " MiB")
+    tool = bench.rows[f"tool_{label}"]
     if bench.sdk:
         sdk = bench.run(f"sdk_{label}", f"openai SDK script, {label}",
                         [PY, "-c", SDK_GENERATE, KEY, bench.api.url, "sdk.png"])
@@ -235,8 +318,10 @@ def jobs(bench: Bench, image: bytes, label: str, *, many: int, batch: int) -> No
     """The worker's own peak memory (one answer, a stream, n images, a batch answering together), what
     the worker costs over running in-process, and how fast attach and --list-jobs answer."""
     answer_always(bench, answer_for(image))
+    for twin in bench.twins:
+        worker = bench.rows[f"{twin.key}_{label}"].worker
+        bench.target(f"{twin.tag}{label}: worker peak", mib(worker), bench.allowance(twin, 40), " MiB")
     one = bench.rows[f"tool_{label}"]
-    bench.target(f"{label}: worker peak", mib(one.worker), 40, " MiB")
     inproc = bench.run(f"inprocess_{label}", f"this tool in-process (APIYI_WORKER=inprocess), {label}",
                        bench.tool("-p", "noise", "-f", "out.png", "--overwrite"), APIYI_WORKER="inprocess")
     bench.target(f"{label}: foreground with a worker - in-process", (one.wall - inproc.wall) * 1000, 150, " ms")
@@ -336,9 +421,10 @@ def large_batch(bench: Bench, items: int) -> None:
     bench.target(f"batch memory growth 10 -> {items} items", large.mem - small.mem, 10, " MB")
 
 
-def machine(sdk_version: Optional[str]) -> str:
+def machine(bench: Bench) -> str:
     return (f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, " + (f"openai {sdk_version}" if sdk_version else "no openai"))
+            f"Python {platform.python_version()}, " + (f"openai {bench.sdk_version}" if bench.sdk else "no openai")
+            + (f", {bench.node_note}" if len(bench.twins) > 1 else ""))
 
 
 NOTES = ("The waiting command's own peak cannot reach 25 MiB while it is one script of this size: "
@@ -348,23 +434,37 @@ NOTES = ("The waiting command's own peak cannot reach 25 MiB while it is one scr
          "in-process, which is also why the 1024x1024 case is slower than the curl floor. The 429 cases "
          "(quota, burst, outage) answer 429 with Retry-After: 1; their ideal counts the time any client "
          "needs to see the 429s end.")
+NODE_NOTES = ("The Node twin (`node scripts/generate_image.js`) runs the same start-up and end-to-end cases in "
+              "the same run, against the same fake and the same answer; its output is checked byte for byte. Its "
+              "worker's peak is the one its job record gives (`peak_rss_kib`, from "
+              "`process.resourceUsage().maxRSS`, written when the job ends, with `detached: true`); its waiting "
+              "command's own peak is VmHWM read when it exits, by a module loaded with `node --require`, as this "
+              "script's is by a runpy wrapper; its peak column is what wait4 reports for its command, which "
+              "includes the worker only if the command reaps it. Its memory targets are this script's, moved by "
+              "the difference between the bare interpreters' peaks in the same run (`node -e 0` against "
+              "`python -c pass`): the same allowance over the interpreter. Its start-up is judged against "
+              "`node -e 0` as this script's is against `python -c pass`.")
 
 
 def report(bench: Bench, command: str) -> str:
     lines = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
-             f"Machine: {machine(bench.sdk_version)}.", "",
+             f"Machine: {machine(bench)}.", "",
              "Every case runs as its own process against a fake Images API on 127.0.0.1 that answers at once "
              "(or after the stated latency). Medians of "
              f"{bench.times} runs, with min-max in brackets. Memory is the peak resident set of the process "
              "(for the curl pipeline, its largest process). For this tool the last column is the detached "
              "worker that sends, receives and saves (its own peak, as its job record says); the peak column "
              "is the larger of the waiting command and that worker, because the command reaps its worker "
-             "when it exits and wait4 then counts it. The command's own peak is among the targets.",
-             "", "| case | wall ms | peak MB | worker peak MB |", "|---|---|---|---|"]
+             "when it exits and wait4 then counts it. The command's own peak is among the targets.", ""]
+    for reason in bench.left_out:
+        lines += [f"Left out: {reason}.", ""]
+    lines += ["| case | wall ms | peak MB | worker peak MB |", "|---|---|---|---|"]
     lines += [row.cells() for row in bench.rows.values()]
     lines += ["", "## Targets", "", "| measure | value | result |", "|---|---|---|"]
     lines += [f"| {text} | {value} | {'PASS' if ok else 'MISS'} |" for text, value, ok in bench.targets]
     lines += ["", "## Notes", "", NOTES]
+    if len(bench.twins) > 1:
+        lines += ["", NODE_NOTES]
     return "\n".join(lines) + "\n"
 
 

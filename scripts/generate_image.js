@@ -34,7 +34,6 @@ const VERSION = '1.0.0';
 const TOOL_NAME = 'apiyi-gpt-image-2-gen';
 const PROG = 'generate_image.js';
 const PYTHON_TWIN = 'generate_image.py';
-const REPOSITORY_URL = 'https://github.com/apiyi/apiyi-gpt-image-2-gen';
 const MIN_NODE_MAJOR = 18;
 
 const DEFAULT_BASE_URL = 'https://api.apiyi.com/v1';
@@ -215,7 +214,6 @@ const REQUEST_ID_HEADERS = ['x-request-id', 'request-id', 'openai-request-id', '
 
 const READ_CHUNK = 1024 * 1024;
 // Connecting and sending have a deadline of their own: a minute, plus the body at 400 kbit/s.
-const CONNECT_TIMEOUT_S = 60.0;
 const UPLOAD_BASE_S = 60.0;
 const UPLOAD_MIN_BYTES_PER_S = 50000;
 const ERROR_BODY_LIMIT = 64 * 1024;

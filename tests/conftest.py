@@ -12,6 +12,7 @@ import pytest
 
 import generate_image as gi
 from fake_api import FakeImagesAPI, make_image
+from twins import TWINS, script_env, skip_reason
 
 TEST_KEY = "sk-test-NOT-A-REAL-KEY-0123456789abcdef"
 PYTHONS_USED: dict[str, str] = {}  # version -> interpreter that ran the script in a subprocess test
@@ -63,6 +64,22 @@ def pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 def api() -> FakeImagesAPI:
     with FakeImagesAPI() as server:
         yield server
+
+
+@pytest.fixture(params=TWINS)
+def twin(request: pytest.FixtureRequest) -> str:
+    """Each twin in turn (tests/twins.py); Node skips, saying why, where Node.js 18+ is not installed."""
+    reason = skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return str(request.param)
+
+
+@pytest.fixture
+def agent_env(api: FakeImagesAPI) -> dict[str, str]:
+    """What an agent's shell gives a twin run as a process: the key and the fake API's URL; the job
+    worker is a detached process, as by default (set APIYI_WORKER=inprocess for a faster run)."""
+    return script_env(APIYI_API_KEY=TEST_KEY, APIYI_BASE_URL=api.url)
 
 
 @dataclasses.dataclass

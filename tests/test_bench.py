@@ -31,6 +31,9 @@ def test_quick_benchmark_measures_every_case_and_judges_every_target(tmp_path: P
     workers = dict(rows)
     assert workers["this tool, 1024x1024"] != "-" and workers["`python -c pass`"] == "-"
     assert "worker peak" in text and "the waiting command's own peak" in text
+    if "Left out: the Node twin's rows" not in text:
+        assert {"`node -e 0`", "`node scripts/generate_image.js --version`", "the Node twin, 1024x1024"} <= set(cases)
+        assert workers["the Node twin, 1024x1024"] != "-" and "the Node twin, 1024x1024: worker peak" in text
     verdicts = re.findall(r"^\| .+ \| .+ \| (PASS|MISS) \|$", text, flags=re.M)
     assert len(verdicts) >= 8
     assert "python bench/run.py --quick" in text and "Machine: " in text

@@ -1,12 +1,12 @@
 """The script run as an agent runs it: `python -I -S scripts/generate_image.py ...`, under every
-CPython 3.9-3.13 found on this machine (the missing ones are skipped, and the skip says so)."""
+CPython 3.9-3.13 found on this machine, and its Node.js twin `node scripts/generate_image.js ...` for
+what both share (the missing ones are skipped, and the skip says so)."""
 
 from __future__ import annotations
 
 import glob
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,8 +15,8 @@ import pytest
 
 from conftest import PYTHONS_USED, TEST_KEY
 from fake_api import FakeImagesAPI
+from twins import SCRIPT_NAMES, SCRIPT_PY, Launcher, launcher, run_twin, skip_reason
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_image.py"
 VERSIONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
 
 
@@ -28,31 +28,26 @@ def find_python(version: str) -> Optional[str]:
     return candidates[-1] if candidates else shutil.which(f"python{version}")
 
 
-@pytest.fixture(params=VERSIONS)
-def python(request: pytest.FixtureRequest) -> str:
-    found = find_python(request.param)
+@pytest.fixture(params=[*(pytest.param(("python", v), id=f"python{v}") for v in VERSIONS),
+                        pytest.param(("node", ""), id="node")])
+def script(request: pytest.FixtureRequest) -> Launcher:
+    """The Python twin under each CPython 3.9-3.13, then the Node twin."""
+    twin, version = request.param
+    reason = skip_reason(twin)
+    if reason:
+        pytest.skip(reason)
+    if twin == "node":
+        return launcher("node")
+    found = find_python(version)
     if not found:
-        pytest.skip(f"CPython {request.param} is not installed here")
-    PYTHONS_USED[request.param] = found
-    return found
+        pytest.skip(f"CPython {version} is not installed here")
+    PYTHONS_USED[version] = found
+    return launcher("python", found)
 
 
-def run_script(python: str, *args: str, env: dict[str, str], stdin: bytes = b"",
-               flags: tuple[str, ...] = ("-I", "-S")) -> subprocess.CompletedProcess:
-    return subprocess.run([python, *flags, str(SCRIPT), *args], input=stdin, capture_output=True,
-                          env=env, timeout=60)
-
-
-@pytest.fixture
-def agent_env(api: FakeImagesAPI) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "SYSTEMROOT", "TMPDIR", "NO_PROXY", "no_proxy")}
-    env.update(APIYI_API_KEY=TEST_KEY, APIYI_BASE_URL=api.url)
-    return env
-
-
-def test_text_to_image_end_to_end(python: str, api: FakeImagesAPI, agent_env: dict[str, str],
+def test_text_to_image_end_to_end(script: Launcher, api: FakeImagesAPI, agent_env: dict[str, str],
                                   isolated: Path) -> None:
-    result = run_script(python, "-p", "一只可爱的橘猫在草地上玩耍", "-f", "out/cat.png", "-s", "1536x1024",
+    result = script.run("-p", "一只可爱的橘猫在草地上玩耍", "-f", "out/cat.png", "-s", "1536x1024",
                         env=agent_env)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"out/cat.png" + os.linesep.encode()
@@ -61,18 +56,20 @@ def test_text_to_image_end_to_end(python: str, api: FakeImagesAPI, agent_env: di
     assert TEST_KEY.encode() not in result.stdout + result.stderr
 
 
-def test_help_version_and_dry_run_need_nothing(python: str, agent_env: dict[str, str]) -> None:
+def test_help_version_and_dry_run_need_nothing(script: Launcher, agent_env: dict[str, str]) -> None:
     env = {k: v for k, v in agent_env.items() if k != "APIYI_API_KEY"}
-    assert run_script(python, "--help", env=env).returncode == 0
-    version = run_script(python, "--version", env=env)
-    assert version.stdout.decode().startswith("generate_image.py ")
-    dry = run_script(python, "-p", "cat", "-f", "cat.png", "--dry-run", env=env)
+    assert script.run("--help", env=env).returncode == 0
+    version = script.run("--version", env=env)
+    assert version.stdout.decode() == f"{SCRIPT_NAMES[script.twin]} 1.0.0" + os.linesep
+    dry = script.run("-p", "cat", "-f", "cat.png", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr.decode()
+    assert dry.stdout.decode().startswith(f"POST {env['APIYI_BASE_URL']}/images/generations")
 
 
-def test_edit_with_stdin_prompt(python: str, api: FakeImagesAPI, agent_env: dict[str, str], picture) -> None:
+def test_edit_with_stdin_prompt(script: Launcher, api: FakeImagesAPI, agent_env: dict[str, str],
+                                picture) -> None:
     picture("in.png", "png", 256, 256)
-    result = run_script(python, "-p", "-", "-i", "in.png", "-f", "edited.png", env=agent_env,
+    result = script.run("-p", "-", "-i", "in.png", "-f", "edited.png", env=agent_env,
                         stdin="在天空添加彩虹\n".encode())
     assert result.returncode == 0, result.stderr.decode()
     assert api.requests[0].fields()["prompt"] == "在天空添加彩虹"
@@ -82,18 +79,23 @@ def test_edit_with_stdin_prompt(python: str, api: FakeImagesAPI, agent_env: dict
 def test_console_that_cannot_print_chinese_does_not_crash(api: FakeImagesAPI, agent_env: dict[str, str],
                                                           isolated: Path, encoding: str) -> None:
     env = dict(agent_env, PYTHONIOENCODING=encoding)  # -I would ignore it, so this runs without -I
-    result = run_script(sys.executable, "-p", "橘猫", "-f", "橘猫.png", "--dry-run", env=env, flags=("-S",))
+    script = Launcher("python", (sys.executable, "-S", str(SCRIPT_PY)))
+    result = script.run("-p", "橘猫", "-f", "橘猫.png", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr.decode(encoding, "replace")
     assert ("橘猫" in result.stdout.decode(encoding)) == (encoding == "gbk")
-    real = run_script(sys.executable, "-p", "橘猫", "-f", "橘猫.png", env=env, flags=("-S",))
+    real = script.run("-p", "橘猫", "-f", "橘猫.png", env=env)
     assert real.returncode == 0, real.stderr.decode(encoding, "replace")
     assert (isolated / "橘猫.png").is_file()
     if encoding != "gbk":
         assert real.stdout == b"??.png" + os.linesep.encode()
 
 
-def test_usage_error_exit_code_and_single_error_line(agent_env: dict[str, str]) -> None:
-    result = run_script(sys.executable, "-p", "cat", "-s", "999x1", env=agent_env)
+def test_usage_error_exit_code_and_single_error_line(twin: str, api: FakeImagesAPI,
+                                                     agent_env: dict[str, str]) -> None:
+    result = run_twin(twin, "-p", "cat", "-s", "999x1", env=agent_env)
     assert result.returncode == 2
     assert result.stdout == b""
-    assert result.stderr.decode().startswith("generate_image.py: error: --size 999x1: ")
+    stderr = result.stderr.decode()
+    assert stderr.startswith(f"{SCRIPT_NAMES[twin]}: error: --size 999x1: ")
+    assert [line for line in stderr.splitlines() if ": error:" in line] == stderr.splitlines()[:1]
+    assert api.requests == []
