@@ -236,6 +236,13 @@ const POLL_INTERVALS_S = [0.01, 0.02, 0.05, 0.1];
 const CANCEL_WAIT_S = 10.0;
 const PROMPT_EXCERPT_CHARS = 60;
 const SPOOL_PIECE = 1024 * 1024;
+// Base64 is decoded this much at a time: its text stays below V8's large-object size (128 KiB), so each
+// piece's strings die young instead of piling up in the old generation until a full collection.
+const DECODE_PIECE = 96 * 1024;
+// A worker (started with --expose-gc) collects after this much of an answer has passed through it: the
+// socket's and the decoder's spent buffers are memory outside V8's heap, which it counts only loosely,
+// so they would pile up to several times the answer before a collection on its own.
+const COLLECT_EVERY = 2 * 1024 * 1024;
 // Node has no file lock that the system drops when its holder dies (Python's flock): a worker of this
 // twin is known alive by its pid, and says so in its record, so the Python twin checks the same way.
 const PID_LIVENESS = 'pid';
@@ -1811,6 +1818,7 @@ function readResponse(res, { spool, limit, onStage }) {
           return;
         }
         fs.writeSync(handle, piece);
+        collectNow(received, piece.length);
       } else if (received - piece.length < ERROR_BODY_LIMIT) {
         pieces.push(piece);
       }
@@ -1834,6 +1842,13 @@ function readResponse(res, { spool, limit, onStage }) {
       resolve({ status: res.statusCode, headers, body: Buffer.concat(pieces).subarray(0, ERROR_BODY_LIMIT) });
     });
   });
+}
+
+/** A collection each time COLLECT_EVERY bytes more have gone through (a worker only: see COLLECT_EVERY). */
+function collectNow(total, piece) {
+  if (typeof global.gc === 'function' && Math.floor(total / COLLECT_EVERY) !== Math.floor((total - piece) / COLLECT_EVERY)) {
+    global.gc();
+  }
 }
 
 function tooLarge(what, limit, announced = 0) {
@@ -2078,8 +2093,9 @@ function safetyRefusal(message, serverText, { status = null, code = '', body = '
 function scanB64Values(handle, size) {
   const scan = { skeleton: [], spans: [], inString: false, inValue: false, escaped: false, text: [], afterKey: 0,
     opened: 0 };
+  const buffer = Buffer.alloc(SPOOL_PIECE);
   for (let offset = 0; offset < size;) {
-    const piece = readAt(handle, offset, Math.min(SPOOL_PIECE, size - offset));
+    const piece = buffer.subarray(0, fs.readSync(handle, buffer, 0, Math.min(SPOOL_PIECE, size - offset), offset));
     if (!piece.length) throw new Error(`the file ends at ${offset}, before ${size}`);
     scanPiece(scan, piece, offset);
     offset += piece.length;
@@ -2209,8 +2225,10 @@ function decodeSpan(spool, [begin, end], out) {
   }
   const digest = crypto.createHash('sha256');
   let [written, pending, backslash, ended] = [0, '', '', false];
+  const buffer = Buffer.alloc(DECODE_PIECE);
   for (let at = begin; at < end && !ended;) {
-    const raw = readAt(spool, at, Math.min(SPOOL_PIECE, end - at));
+    const raw = buffer.subarray(0, fs.readSync(spool, buffer, 0, Math.min(DECODE_PIECE, end - at), at));
+    if (!raw.length) throw badBase64('the file ends inside the base64 value');
     at += raw.length;
     let text = backslash + raw.toString('latin1');
     backslash = /(^|[^\\])(\\\\)*\\$/.test(text) ? '\\' : '';
@@ -2225,6 +2243,7 @@ function decodeSpan(spool, [begin, end], out) {
     fs.writeSync(out, piece);
     digest.update(piece);
     written += piece.length;
+    collectNow(at - begin, raw.length);
   }
   if (backslash) throw badBase64('the base64 value ends inside an escape');
   if (pending.length % 4 === 1 || (!ended && pending)) throw badBase64('not valid base64: incorrect padding (the value may be cut short)');
@@ -2732,7 +2751,7 @@ function startWorkerProcess(files, key, env) {
   delete childEnv[ENV_WORKER];
   const log = fs.openSync(files.log, 'a');
   try {
-    const child = childProcess.spawn(process.execPath, [__filename, '--run-job', files.record],
+    const child = childProcess.spawn(process.execPath, ['--expose-gc', __filename, '--run-job', files.record],
       workerSpawnOptions(log, childEnv));
     child.on('error', () => {});
     child.unref();
@@ -3930,5 +3949,5 @@ if (require.main === module) {
 }
 
 // For the tests of what differs by platform (tests/test_twin_platforms.py) and the table's comparison.
-module.exports = { MODEL_PROFILES, main, nameSize, parseArgs, pidAlive, planOutputPath, pyJson, stateFolder,
+module.exports = { MODEL_PROFILES, decodeSpan, readSpooledAnswer, main, nameSize, parseArgs, pidAlive, planOutputPath, pyJson, stateFolder,
   workerSpawnOptions };
