@@ -436,8 +436,9 @@ NOTES = ("The waiting command's own peak cannot reach 25 MiB while it is one scr
          "needs to see the 429s end.")
 NODE_NOTES = ("The Node twin (`node scripts/generate_image.js`) runs the same start-up and end-to-end cases in "
               "the same run, against the same fake and the same answer; its output is checked byte for byte. Its "
-              "worker's peak is the one its job record gives (`peak_rss_kib`, from "
-              "`process.resourceUsage().maxRSS`, written when the job ends, with `detached: true`); its waiting "
+              "worker's peak is the one its job record gives (`peak_rss_kib`: VmHWM on Linux, written when the job "
+              "ends, with `detached: true`; the worker runs with --expose-gc and collects every 2 MB of answer, "
+              "since the socket's and the decoder's spent buffers lie outside V8's heap); its waiting "
               "command's own peak is VmHWM read when it exits, by a module loaded with `node --require`, as this "
               "script's is by a runpy wrapper; its peak column is what wait4 reports for its command, which "
               "includes the worker only if the command reaps it. Its memory targets are this script's, moved by "
