@@ -8,10 +8,13 @@ Each differential test runs the Python twin as the reference and the parametrise
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,7 +23,7 @@ import pytest
 import generate_image as gi
 from conftest import TEST_KEY
 from fake_api import FakeImagesAPI, Recorded, Reply, api_error, images_answer, make_image, make_png
-from twins import SCRIPT_NAMES, run_twin, same_request, same_words, script_env, skip_reason
+from twins import SCRIPT_NAMES, run_twin, same_request, same_words, script_env, skip_reason, twin_command
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # What differs between two runs of the same twin, so cannot be compared across twins.
@@ -342,8 +345,8 @@ def test_the_key_is_in_no_output_and_no_file(twin: str, api: FakeImagesAPI, tmp_
 
 # --- f. jobs across twins ---------------------------------------------------------------------------
 
-@pytest.fixture(params=[("python", "python"), ("python", "node"), ("node", "python")],
-                ids=["python-then-python", "python-then-node", "node-then-python"])
+@pytest.fixture(params=[("python", "python"), ("python", "node"), ("node", "python"), ("node", "node")],
+                ids=["python-then-python", "python-then-node", "node-then-python", "node-then-node"])
 def twins_in_turn(request: pytest.FixtureRequest) -> tuple[str, str]:
     """The twin that starts a job, and the one that collects it."""
     for who in request.param:
@@ -404,6 +407,79 @@ def test_a_job_left_by_max_wait_is_listed_and_collected_by_the_other_twin(
     assert line.split()[1] not in gi.FINISHED_STATES and "'dog'" in line and "dog.png" in line
     collected = run_twin(collector, "--attach", job, env=agent_env)
     assert (collected.returncode, collected.stdout) == (0, b"dog.png" + os.linesep.encode()), collected.stderr
+    assert len(api.requests) == 1
+
+
+def wait_until_sent(job: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = gi.read_record(Path(os.environ["APIYI_STATE_DIR"]) / f"{job}.json")
+        if record and record.get("sent"):
+            return record
+        time.sleep(0.02)
+    raise AssertionError(f"job {job} was never sent")
+
+
+def test_a_running_job_is_cancelled_by_the_other_twin(twins_in_turn: tuple[str, str], api: FakeImagesAPI,
+                                                      agent_env: dict[str, str], isolated: Path) -> None:
+    """The other twin finds the worker alive (by its lock, or by its pid) and stops it; the request was
+    sent, so the record says it may still be billed."""
+    starter, canceller = twins_in_turn
+    api.queue(dataclasses.replace(SLOW, delay=5))
+    job = job_id(run_twin(starter, "-p", "cat", "-f", "cat.png", "--detach", env=agent_env).stdout)
+    wait_until_sent(job)
+    cancelled = run_twin(canceller, "--cancel", job, env=agent_env)
+    assert (cancelled.returncode, cancelled.stdout.decode().split()) == (0, ["job", job, "cancelled"]), \
+        cancelled.stderr.decode()
+    record = gi.read_record(Path(os.environ["APIYI_STATE_DIR"]) / f"{job}.json")
+    assert record["state"] == "cancelled" and "may still be billed" in record["error"]["message"]
+    assert not (isolated / "cat.png").exists() and len(api.requests) == 1
+
+
+def test_an_answer_received_but_not_saved_is_saved_by_the_other_twin(twins_in_turn: tuple[str, str],
+                                                                      api: FakeImagesAPI, isolated: Path) -> None:
+    """A worker that died between receiving and saving leaves its answer in the spool: the same command,
+    from either twin, saves it and sends nothing."""
+    starter, rescuer = twins_in_turn
+    env = online(api)
+    image = make_png(96, 64)
+    api.queue(Reply(body=images_answer([image])))
+    assert run_twin(starter, "-p", "cat", "-f", "cat.png", env=env).returncode == 0
+    folder = Path(os.environ["APIYI_STATE_DIR"])
+    [record] = gi.list_records(folder)
+    files = gi.JobFiles(folder, record["id"])
+    gone = 2 ** 22 + 17     # above the largest pid Linux gives: the worker is gone
+    record.update(state="saving", result=None, exit_code=None, note=None, pid=gone, detached=True)
+    files.record.write_text(json.dumps(record), encoding="utf-8")
+    files.spool().write_text(json.dumps(images_answer([image])), encoding="utf-8")
+    files.reported.unlink()
+    (isolated / "cat.png").unlink()
+    rescued = run_twin(rescuer, "-p", "cat", "-f", "cat.png", env=env)
+    assert (rescued.returncode, rescued.stdout) == (0, b"cat.png" + os.linesep.encode()), rescued.stderr.decode()
+    assert "saving the answer received earlier; nothing new is sent" in rescued.stderr.decode()
+    assert (isolated / "cat.png").read_bytes() == image and len(api.requests) == 1
+    assert not files.spool().exists() and gi.read_record(files.record)["state"] == "done"
+
+
+def test_an_interrupted_wait_leaves_the_sent_job_running(twin: str, api: FakeImagesAPI, agent_env: dict[str, str],
+                                                         isolated: Path) -> None:
+    """Ctrl-C after sending: exit 130 with the job's id; the worker goes on, and the same command
+    collects the image without a second request."""
+    api.queue(dataclasses.replace(SLOW, delay=3))
+    command = ("-p", "cat", "-f", "cat.png")
+    waiting = subprocess.Popen([*twin_command(twin), *command], env=agent_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    folder = Path(os.environ["APIYI_STATE_DIR"])
+    deadline = time.monotonic() + 10
+    while not gi.list_records(folder) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    wait_until_sent(gi.list_records(folder)[0]["id"])
+    waiting.send_signal(signal.SIGINT)
+    out, err = waiting.communicate(timeout=30)
+    job = job_id(out)
+    assert waiting.returncode == 130 and f"interrupted (SIGINT); the request goes on as job {job}" in same_words(err)
+    again = run_twin(twin, *command, env=agent_env)
+    assert (again.returncode, again.stdout) == (0, b"cat.png" + os.linesep.encode()), again.stderr.decode()
     assert len(api.requests) == 1
 
 
