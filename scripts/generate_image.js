@@ -3949,5 +3949,5 @@ if (require.main === module) {
 }
 
 // For the tests of what differs by platform (tests/test_twin_platforms.py) and the table's comparison.
-module.exports = { MODEL_PROFILES, decodeSpan, readSpooledAnswer, main, nameSize, parseArgs, pidAlive, planOutputPath, pyJson, stateFolder,
+module.exports = { MODEL_PROFILES, OPTIONS, PYTHON_ONLY, decodeSpan, readSpooledAnswer, main, nameSize, parseArgs, pidAlive, planOutputPath, pyJson, stateFolder,
   workerSpawnOptions };

@@ -294,3 +294,24 @@ def test_documented_node_command_works_against_a_local_server(api, isolated: Pat
     done = run_twin("node", *words, env=env, cwd=isolated)
     assert done.returncode == 0, done.stderr.decode()
     assert [(isolated / p).is_file() for p in done.stdout.decode().splitlines()] == [True]
+
+
+def test_every_readme_flag_works_in_the_node_twin_or_is_marked_python_only() -> None:
+    """The README's flag table is the promise: a row marked *Python only* is a flag the twin refuses
+    (test_twins checks the refusal), every other row is a flag it takes."""
+    import subprocess
+
+    from twins import SCRIPT_JS, skip_reason
+
+    if skip_reason("node"):
+        pytest.skip(skip_reason("node"))
+    program = (f"const m = require({json.dumps(str(SCRIPT_JS))}); process.stdout.write(JSON.stringify("
+               "{taken: m.OPTIONS.map((o) => o.long), refused: Object.values(m.PYTHON_ONLY)}))")
+    twin = json.loads(subprocess.run(["node", "-e", program], capture_output=True, check=True, timeout=30).stdout)
+    refused = {flag for entry in twin["refused"] for flag in entry.split("/") if flag.startswith("--")}
+    rows = re.findall(r"^\| (?:`-[a-zA-Z]`, )?`(--[a-z-]+)[^|]* \| (\*Python only\.\* )?",
+                      (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.M)
+    assert len(rows) == len(flag_table(ROOT / "README.md"))
+    marked = {flag for flag, mark in rows if mark}
+    assert marked == refused
+    assert {flag for flag, mark in rows if not mark} - {"--help", "--version"} <= set(twin["taken"]) - refused
