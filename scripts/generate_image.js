@@ -234,6 +234,7 @@ const JOB_KEEP_S = 7 * 24 * 3600;
 const WORKER_START_GRACE_S = 20.0;
 const POLL_INTERVALS_S = [0.01, 0.02, 0.05, 0.1];
 const CANCEL_WAIT_S = 10.0;
+const STATE_LOCK_WAIT_S = 30;
 const PROMPT_EXCERPT_CHARS = 60;
 const SPOOL_PIECE = 1024 * 1024;
 // Base64 is decoded this much at a time: its text stays below V8's large-object size (128 KiB), so each
@@ -243,6 +244,9 @@ const DECODE_PIECE = 96 * 1024;
 // socket's and the decoder's spent buffers are memory outside V8's heap, which it counts only loosely,
 // so they would pile up to several times the answer before a collection on its own.
 const COLLECT_EVERY = 2 * 1024 * 1024;
+// An image URL in an answer is fetched following redirects, as urllib does.
+const REDIRECTS = new Set([301, 302, 303, 307, 308]);
+const MAX_REDIRECTS = 10;
 // Node has no file lock that the system drops when its holder dies (Python's flock): a worker of this
 // twin is known alive by its pid, and says so in its record, so the Python twin checks the same way.
 const PID_LIVENESS = 'pid';
@@ -354,13 +358,16 @@ function gFormat(x) {
     const sign = power[0] === '-' ? '-' : '+';
     return `${digits}e${sign}${power.replace(/^[+-]/, '').padStart(2, '0')}`;
   }
-  const fixed = x.toFixed(Math.max(0, 5 - exponent));
-  return fixed.includes('.') ? fixed.replace(/\.?0+$/, '') : fixed;
+  const text = x.toFixed(Math.max(0, 5 - exponent));
+  return text.includes('.') ? text.replace(/\.?0+$/, '') : text;
 }
 
-/** f"{x:.Nf}", rounding half to even on the binary value as Python does (toFixed rounds the same way). */
+/** f"{x:.Nf}": the decimal nearest the binary value, as toFixed gives it, except that an exact half goes
+ * to the even digit, as Python rounds (toFixed rounds it up: 0.03125 -> 0.0313, Python 0.0312). */
 function fixed(x, digits) {
-  return x.toFixed(digits);
+  const scaled = x * 10 ** digits;
+  if (!Number.isFinite(scaled) || Math.abs(scaled % 1) !== 0.5) return x.toFixed(digits);
+  return (pyRound(scaled) / 10 ** digits).toFixed(digits);
 }
 
 /** repr() of a str: single quotes unless the text holds one and no double quote. */
@@ -383,7 +390,7 @@ function pyRepr(text) {
 function pyJson(value, { indent = null, ascii = true, sortKeys = false } = {}, depth = 0) {
   if (value === null || value === undefined) return 'null';
   if (typeof value === 'boolean') return value ? 'true' : 'false';
-  if (typeof value === 'number') return Number.isFinite(value) ? String(value) : (value > 0 ? 'Infinity' : 'NaN');
+  if (typeof value === 'number') return Number.isFinite(value) ? String(value) : { Infinity: 'Infinity', '-Infinity': '-Infinity' }[value] || 'NaN';
   if (typeof value === 'string') {
     const text = JSON.stringify(value);
     return ascii ? text.replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
@@ -995,7 +1002,7 @@ function pngHasAlpha(file) {
       const name = header.toString('latin1', 4, 8);
       position += 8;
       if (name === 'IHDR') {
-        const ihdr = readAt(handle, position, length);
+        const ihdr = readAt(handle, position, Math.min(length, 13));   // a length is what the file claims
         if ([4, 6].includes(ihdr[9])) return true;
         position += length + 4;
       } else if (['tRNS', 'IDAT', 'IEND'].includes(name)) {
@@ -1523,7 +1530,7 @@ function proxyFor(url, env) {
   if (isLoopbackHost(host)) return null;
   const scheme = parts.protocol.slice(0, -1);
   const lower = Object.fromEntries(Object.entries(env).map(([k, v]) => [k.toLowerCase(), v]));
-  const proxy = env[`${scheme}_proxy`] || lower[`${scheme}_proxy`] || env.all_proxy || lower.all_proxy;
+  const proxy = env[`${scheme}_proxy`] || lower[`${scheme}_proxy`];     // urllib's handler never uses all_proxy
   if (!proxy) return null;
   const bypass = (env.no_proxy || lower.no_proxy || '').split(',').map((s) => s.trim().toLowerCase()).filter(Boolean);
   const bypassed = bypass.some((entry) => entry === '*' || host === entry.replace(/^\./, '')
@@ -1648,11 +1655,7 @@ function describeRequest(request, job, config) {
 // --- Transport ---
 
 function uploadDeadlineS(request) {
-  return UPLOAD_BASE_S + bodyLength(request.body) / UPLOAD_MIN_BYTES_PER_S;
-}
-
-function bodyLength(body) {
-  return Buffer.isBuffer(body) ? body.length : body.length;
+  return UPLOAD_BASE_S + request.body.length / UPLOAD_MIN_BYTES_PER_S;
 }
 
 function hostOf(url) {
@@ -1678,14 +1681,22 @@ function requestOptions(url, request, env = process.env) {
   const options = { method: request.method, headers: request.headers };
   const proxy = proxyFor(url.href, env);
   if (!proxy) return [url, { ...options, agent: false }];
-  const via = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(proxy) ? proxy : `http://${proxy}`);
-  const credentials = via.username ? { 'Proxy-Authorization': `Basic ${Buffer.from(
-    `${decodeURIComponent(via.username)}:${decodeURIComponent(via.password)}`).toString('base64')}` } : {};
+  let via;
+  let credentials;
+  try {
+    via = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(proxy) ? proxy : `http://${proxy}`);
+    credentials = via.username ? { 'Proxy-Authorization': `Basic ${Buffer.from(
+      `${decodeURIComponent(via.username)}:${decodeURIComponent(via.password)}`).toString('base64')}` } : {};
+  } catch {
+    throw new ConnectError(`the proxy the environment names for ${url.hostname} is not a usable URL`,
+      { hint: 'fix or unset HTTPS_PROXY / HTTP_PROXY' });
+  }
   if (url.protocol === 'http:') {
     return [url, { ...options, host: via.hostname.replace(/^\[|\]$/g, ''), port: via.port || 80, path: url.href,
       headers: { Host: url.host, ...options.headers, ...credentials }, agent: false, setHost: false }];
   }
-  return [url, { ...options, createConnection: (_, done) => openTunnel(via, url, credentials, done) }];
+  return [url, { ...options, headers: { Host: url.host, ...options.headers }, setHost: false,
+    createConnection: (_, done) => openTunnel(via, url, credentials, done) }];
 }
 
 /** A CONNECT tunnel through the proxy to the URL's host, with TLS to that host inside it. */
@@ -1700,7 +1711,9 @@ function openTunnel(via, url, credentials, done) {
         { code: 'EPROXY' }));
       return;
     }
-    done(null, tls.connect({ socket, servername: net.isIP(url.hostname) ? undefined : url.hostname }));
+    // host: the certificate is checked against the base URL's host, never the proxy's (an IP too)
+    done(null, tls.connect({ socket, host: url.hostname.replace(/^\[|\]$/g, ''), rejectUnauthorized: true,
+      servername: net.isIP(url.hostname) ? undefined : url.hostname }));
   });
   connect.once('error', (err) => done(err));
   connect.end();
@@ -1751,23 +1764,16 @@ function drained(req) {
  * MaybeBilledError. A 2xx body goes to the spool file as it arrives (never whole in memory). */
 function sendRequest(request, { timeoutS, spool = null, limit = MAX_IMAGE_BYTES, onStage = () => {} }) {
   return new Promise((resolve, reject) => {
-    const url = new URL(request.url);
-    const state = { sent: false, expired: '', settled: false, timer: null };
-    const lib = url.protocol === 'https:' ? https : http;
-    const [target, options] = requestOptions(url, request);
-    const req = options.host ? http.request(options) : lib.request(target, options);
-    CURRENT.request = req;
+    const state = { sent: false, expired: '', settled: false, responded: false, timer: null };
+    let req;
     const finish = (err, response) => {
       if (state.settled) return;
       state.settled = true;
       clearTimeout(state.timer);
       CURRENT.request = null;
-      if (err) {
-        req.destroy();
-        reject(err instanceof ToolError ? err : exchangeFailure(err, request, { ...state, timeoutS }));
-      } else {
-        resolve(response);
-      }
+      if (req) req.destroy();
+      if (err) reject(err instanceof ToolError ? err : exchangeFailure(err, request, { ...state, timeoutS }));
+      else resolve(response);
     };
     const arm = (seconds, what) => {
       clearTimeout(state.timer);
@@ -1776,72 +1782,155 @@ function sendRequest(request, { timeoutS, spool = null, limit = MAX_IMAGE_BYTES,
         req.destroy(new Error('timed out'));
       }, Math.min(seconds * 1000, 2 ** 31 - 1));
     };
+    try {
+      req = openRequest(request);
+    } catch (err) {
+      finish(err);
+      return;
+    }
+    CURRENT.request = req;
     arm(request.body.length ? uploadDeadlineS(request) : timeoutS, request.body.length ? 'upload' : 'answer');
-    req.on('error', (err) => finish(err));
+    req.on('error', (err) => finish(state.responded ? cutShort() : err));   // mid-body: said as urllib says it
+    req.on('close', () => state.responded || finish(cutShort()));
     req.on('finish', () => {
       state.sent = true;
       arm(timeoutS, 'answer');
       onStage('sent');
     });
-    req.on('response', (res) => readResponse(res, { spool, limit, onStage }).then((r) => finish(null, r), finish));
+    req.on('upgrade', (res, socket) => {      // 101: not an answer this API gives; said as its status
+      socket.destroy();
+      finish(null, { status: res.statusCode, headers: lowercaseHeaders(res.headers), body: Buffer.alloc(0) });
+    });
+    req.on('response', (res) => {
+      state.responded = true;
+      readResponse(res, { spool, limit, onStage, finish });
+    });
     writeBody(req, request.body, onStage).catch((err) => finish(err));
   });
 }
 
-/** The answer: a 2xx body into the spool (within limit), any other body into memory (64 KiB kept). */
-function readResponse(res, { spool, limit, onStage }) {
-  return new Promise((resolve, reject) => {
-    const headers = Object.fromEntries(Object.entries(res.headers).map(([k, v]) => [k.toLowerCase(),
-      Array.isArray(v) ? v.join(', ') : String(v)]));
-    const ok = res.statusCode >= 200 && res.statusCode < 300;
-    const announced = (headers['content-length'] || '').trim();
-    if (announced && !/^[0-9]{1,18}$/.test(announced)) {
-      reject(new ServiceError('the server sent a Content-Length that is not a number: '
-        + `${pyRepr(cleanText(announced).slice(0, 40))}`, { hint: 'the gateway is broken; retry later' }));
-      res.destroy();
-      return;
+/** The request on its way, as urllib would send it: Node's parser made as lenient as http.client's
+ * (a gateway's 20 KB header or odd byte must not cost a paid answer: this is a client, nothing to smuggle
+ * to), and certificates always checked, whatever NODE_TLS_REJECT_UNAUTHORIZED says. */
+function openRequest(request) {
+  const url = new URL(request.url);
+  const [target, options] = requestOptions(url, request);
+  const lenient = { maxHeaderSize: 256 * 1024, insecureHTTPParser: true, rejectUnauthorized: true };
+  if (options.host) return http.request({ ...options, ...lenient });
+  return (url.protocol === 'https:' ? https : http).request(target, { ...options, ...lenient });
+}
+
+function lowercaseHeaders(headers) {
+  return Object.fromEntries(Object.entries(headers).map(([k, v]) => [k.toLowerCase(), Array.isArray(v) ? v.join(', ')
+    : String(v)]));
+}
+
+function cutShort() {
+  return Object.assign(new Error('the connection closed before the whole answer arrived'), { code: 'ECUTSHORT' });
+}
+
+/** The answer, handed to finish once: a 2xx body into the spool (refused past limit); a download (no
+ * spool) into memory, refused past limit; any other body into memory, cut at 64 KiB, since its status
+ * decides what happens next. */
+function readResponse(res, { spool, limit, onStage, finish }) {
+  const headers = lowercaseHeaders(res.headers);
+  const ok = res.statusCode >= 200 && res.statusCode < 300;
+  const what = ok ? (spool ? 'the answer' : 'the image download') : '';
+  let sink = null;
+  const end = (err, response) => {
+    try {
+      if (sink) sink.close();
+    } catch (closing) {
+      err = err || closing;
     }
-    if (ok && spool && announced && Number(announced) > limit) {
-      reject(tooLarge('the answer', limit, Number(announced)));
-      res.destroy();
-      return;
-    }
+    finish(err, response);        // first: destroying the socket below emits events of its own
+    if (err) res.destroy();
+  };
+  const answer = () => ({ status: res.statusCode, headers, body: sink.body() });
+  let announced;
+  try {
+    announced = announcedLength(headers, what ? limit : Infinity, what);
     if (ok && spool) onStage('receiving');
-    const handle = ok && spool ? fs.openSync(spool, 'w') : null;
-    const pieces = [];
-    let received = 0;
-    res.on('data', (piece) => {
-      received += piece.length;
-      if (handle !== null) {
-        if (received > limit) {
-          res.destroy(tooLarge('the answer', limit));
-          return;
-        }
-        fs.writeSync(handle, piece);
-        collectNow(received, piece.length);
-      } else if (received - piece.length < ERROR_BODY_LIMIT) {
-        pieces.push(piece);
-      }
-    });
-    const close = () => handle !== null && fs.closeSync(handle);
-    res.on('error', (err) => {
-      close();
-      reject(err);
-    });
-    res.on('aborted', () => {
-      close();
-      reject(Object.assign(new Error('the connection closed before the whole answer arrived'), { code: 'ECONNRESET' }));
-    });
-    res.on('end', () => {
-      if (handle !== null) fs.fsyncSync(handle);
-      close();
-      if (announced && received < Number(announced)) {
-        reject(Object.assign(new Error('the connection closed before the whole answer arrived'), { code: 'ECONNRESET' }));
-        return;
-      }
-      resolve({ status: res.statusCode, headers, body: Buffer.concat(pieces).subarray(0, ERROR_BODY_LIMIT) });
-    });
+    sink = ok && spool ? spoolSink(spool, limit) : memorySink(what ? limit : ERROR_BODY_LIMIT, what);
+  } catch (err) {
+    end(err);
+    return;
+  }
+  res.on('data', (piece) => {
+    try {
+      if (sink.add(piece)) end(null, answer());     // an error body long enough to say what it has to
+    } catch (err) {
+      end(err);
+    }
   });
+  // An error body cut short only loses its message: its status decides what happens next.
+  const broken = (err) => (ok ? end(err) : end(null, answer()));
+  res.on('error', () => broken(cutShort()));     // a reset mid-body is said as urllib says it
+  res.on('aborted', () => broken(cutShort()));
+  res.on('close', () => broken(cutShort()));        // after 'end' this finds the exchange settled
+  res.on('end', () => {
+    try {
+      sink.finish();
+      if (announced !== null && sink.size() < announced) broken(cutShort());
+      else end(null, answer());
+    } catch (err) {
+      end(err);
+    }
+  });
+}
+
+/** The Content-Length, if it is a plain number; one above the cap is refused before reading. */
+function announcedLength(headers, limit, what) {
+  const text = (headers['content-length'] || '').trim();
+  if (!text) return null;
+  if (!/^[0-9]{1,18}$/.test(text)) {
+    throw new ServiceError(`the server sent a Content-Length that is not a number: ${pyRepr(cleanText(text).slice(0, 40))}`,
+      { hint: 'the gateway is broken; retry later' });
+  }
+  if (what && Number(text) > limit) throw tooLarge(what, limit, Number(text));
+  return Number(text);
+}
+
+/** A 2xx answer, written to the spool as it arrives; closed once, whatever ends it. */
+function spoolSink(file, limit) {
+  let handle = fs.openSync(file, 'w');
+  let size = 0;
+  return {
+    add(piece) {
+      size += piece.length;
+      if (size > limit) throw tooLarge('the answer', limit);
+      fs.writeSync(handle, piece);
+      collectNow(size, piece.length);
+      return false;
+    },
+    finish: () => fs.fsyncSync(handle),
+    close() {
+      if (handle === null) return;
+      const closing = handle;
+      handle = null;
+      fs.closeSync(closing);
+    },
+    size: () => size,
+    body: () => Buffer.alloc(0),
+  };
+}
+
+/** A body kept in memory: past limit, refused when `what` names it, else cut (and reading stops). */
+function memorySink(limit, what) {
+  const pieces = [];
+  let size = 0;
+  return {
+    add(piece) {
+      size += piece.length;
+      if (size > limit && what) throw tooLarge(what, limit);
+      pieces.push(piece);
+      return !what && size >= limit;
+    },
+    finish: () => {},
+    close: () => {},
+    size: () => size,
+    body: () => Buffer.concat(pieces).subarray(0, limit),
+  };
 }
 
 /** A collection each time COLLECT_EVERY bytes more have gone through (a worker only: see COLLECT_EVERY). */
@@ -1863,15 +1952,14 @@ function exchangeFailure(err, request, { sent, expired, timeoutS }) {
   const host = hostOf(request.url);
   if (expired === 'upload' && !sent) {
     return new ServiceError(`connecting to ${host} and sending the request took longer than `
-      + `${uploadDeadlineS(request).toFixed(0)} s; nothing was billed`, { kind: 'upload_timeout',
+      + `${fixed(uploadDeadlineS(request), 0)} s; nothing was billed`, { kind: 'upload_timeout',
       hint: 'check the network, or send smaller input images' });
   }
   if (expired === 'answer') {
     return new MaybeBilledError(`no complete answer from ${host} within ${gFormat(timeoutS)} s`,
       { hint: billedHint(timeoutS) });
   }
-  const reason = err && err.message === 'the connection closed before the whole answer arrived' ? err.message
-    : reasonText(err);
+  const reason = err && err.code === 'ECUTSHORT' ? err.message : reasonText(err);
   if (!sent) return new ConnectError(`could not reach ${host}: ${reason}`, { hint: connectHint(reason) });
   return new MaybeBilledError(`the connection to ${host} dropped after the request was sent: ${reason}`,
     { hint: billedHint() });
@@ -1899,6 +1987,7 @@ function parseRetryAfter(value) {
   if (!value) return null;
   const text = value.trim();
   if (/^\d+(\.\d+)?$/.test(text)) return parseFloat(text);
+  if (!/^[A-Za-z]{3},? +\d/.test(text)) return null;    // an HTTP date starts with its day's name
   const when = Date.parse(text);
   return Number.isNaN(when) ? null : Math.max(0, (when - Date.now()) / 1000);
 }
@@ -1948,7 +2037,7 @@ function retryDelay(response, attempt) {
   }
   if (wait > RETRY_AFTER_MAX_S) {
     const when = wait < 1e9 ? new Date(Date.now() + wait * 1000).toTimeString().slice(0, 8) : 'a long while';
-    throw new ServiceError(`HTTP ${response.status}: the server asks to wait ${wait.toFixed(0)} s before retrying`,
+    throw new ServiceError(`HTTP ${response.status}: the server asks to wait ${fixed(wait, 0)} s before retrying`,
       { status: response.status, hint: `try again after ${when}` });
   }
   return wait;
@@ -1989,7 +2078,7 @@ function retryAgain(response, config, spent) {
   if (!shouldRetry(response)) return false;
   if (response.status !== 429) return spent.retries < config.retries;
   if (spent.waited_s >= MAX_THROTTLED_S) {
-    throw new ServiceError(`HTTP 429 for ${(MAX_THROTTLED_S / 60).toFixed(0)} minutes: the gateway still refuses (its `
+    throw new ServiceError(`HTTP 429 for ${fixed((MAX_THROTTLED_S / 60), 0)} minutes: the gateway still refuses (its `
       + 'concurrency quota, or a pause)', { status: 429, kind: 'rate_limited',
       hint: 'wait a few minutes and run the same command again (only what is missing is sent)' });
   }
@@ -2101,30 +2190,30 @@ function scanB64Values(handle, size) {
     offset += piece.length;
   }
   if (scan.inValue || scan.inString) throw new Error('the answer ends inside a string');
-  return [Buffer.from(scan.skeleton), scan.spans];
+  return [Buffer.concat(scan.skeleton), scan.spans];
 }
 
 const B64_KEY = Buffer.from('b64_json');
 
 function scanPiece(scan, piece, offset) {
+  let from = scan.inValue ? -1 : 0;           // where the piece's run of skeleton began (-1: in a value)
   for (let index = 0; index < piece.length;) {
     if (scan.inValue) {
       index = skipValue(scan, piece, index, offset);
+      if (!scan.inValue) from = index - 1;      // the closing quote starts the next run
       continue;
     }
     const byte = piece[index];
     index += 1;
     if (scan.inString) {
-      scan.skeleton.push(byte);
       if (scan.escaped) scan.escaped = false;
       else if (byte === 0x5c) scan.escaped = true;
       else if (byte === 0x22) scan.inString = false;
       else if (scan.text.length <= B64_KEY.length) scan.text.push(byte);
       if (!scan.inString) scan.afterKey = Buffer.from(scan.text).equals(B64_KEY) ? 1 : 0;
-      continue;
-    }
-    scan.skeleton.push(byte);
-    if (byte === 0x22 && scan.afterKey === 2) {
+    } else if (byte === 0x22 && scan.afterKey === 2) {
+      scan.skeleton.push(Buffer.from(piece.subarray(from, index)));
+      from = -1;
       Object.assign(scan, { inValue: true, escaped: false, opened: offset + index, afterKey: 0 });
     } else if (byte === 0x22) {
       Object.assign(scan, { inString: true, escaped: false, text: [], afterKey: 0 });
@@ -2134,6 +2223,7 @@ function scanPiece(scan, piece, offset) {
       scan.afterKey = 0;
     }
   }
+  if (from >= 0) scan.skeleton.push(Buffer.from(piece.subarray(from)));
 }
 
 /** Inside a b64_json value: jump to its closing quote (one not escaped), or to the end of the piece. */
@@ -2150,7 +2240,6 @@ function skipValue(scan, piece, index, offset) {
     }
     if (!escaped) {
       scan.spans.push([scan.opened, offset + quote]);
-      scan.skeleton.push(0x22);
       scan.inValue = false;
       return quote + 1;
     }
@@ -2159,10 +2248,22 @@ function skipValue(scan, piece, index, offset) {
   }
 }
 
+/** JSON as Python's json reads it: NaN and Infinity are values there (a gateway writing usage with
+ * Python may send them), so an answer holding one still gives its image. */
+function parsePythonJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    const nulled = text.replace(/([:[,]\s*)-?(?:NaN|Infinity)(?=\s*[,\]}])/g, '$1null');
+    if (nulled === text) throw err;
+    return JSON.parse(nulled);
+  }
+}
+
 function loadJsonObject(raw) {
   let payload;
   try {
-    payload = JSON.parse(raw.toString('utf8'));
+    payload = parsePythonJson(raw.toString('utf8'));
   } catch {
     throw new ServiceError(`the answer is not JSON: ${bodyExcerpt(raw)}`, { hint: PAID_ANSWER_HINT });
   }
@@ -2255,16 +2356,23 @@ function badBase64(reason) {
   return new ServiceError(`an image in the answer is not valid base64: ${reason}`, { hint: PAID_ANSWER_HINT });
 }
 
-/** A url-only answer item is fetched without the key (it may point anywhere). */
+/** A url-only answer item is fetched without the key (it may point anywhere), following redirects as
+ * urllib does (at most 10). */
 async function downloadImage(url, timeoutS) {
-  if (!/^https?:\/\//i.test(url)) throw new ServiceError(`the answer's image URL is not http(s): ${url.slice(0, 200)}`);
-  const response = await sendRequest({ method: 'GET', url, headers: { 'User-Agent': userAgent() }, body: Buffer.alloc(0) },
-    { timeoutS });
-  if (response.status !== 200) {
-    throw new ServiceError(`downloading the image failed with HTTP ${response.status}: ${url}`,
-      { hint: 'open the URL in a browser within 60 minutes to save it' });
+  for (let hops = 0; ; hops += 1) {
+    if (!/^https?:\/\//i.test(url)) throw new ServiceError(`the answer's image URL is not http(s): ${url.slice(0, 200)}`);
+    const response = await sendRequest({ method: 'GET', url, headers: { 'User-Agent': userAgent() }, body: Buffer.alloc(0) },
+      { timeoutS });
+    if (REDIRECTS.has(response.status) && response.headers.location && hops < MAX_REDIRECTS) {
+      url = new URL(response.headers.location, url).href;
+      continue;
+    }
+    if (response.status !== 200) {
+      throw new ServiceError(`downloading the image failed with HTTP ${response.status}: ${url}`,
+        { hint: 'open the URL in a browser within 60 minutes to save it' });
+    }
+    return response.body;
   }
-  return response.body;
 }
 
 function outputPaths(plan, count) {
@@ -2563,7 +2671,8 @@ function strictSizeError(job, saved) {
 
 // What this process is doing now: the request in flight (a cancel destroys it), the tag of its
 // temporary files and the temporaries being written (a worker told to stop removes them).
-const CURRENT = { request: null, tag: '', temporaries: new Set() };
+// running: a job that runs inside this command (no worker process), which ends with it.
+const CURRENT = { request: null, tag: '', temporaries: new Set(), running: null };
 
 function now() {
   return Date.now() / 1000;
@@ -2722,9 +2831,20 @@ function pruneRecords(folder, records) {
 function pidAlive(pid) {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
     return err.code === 'EPERM';
+  }
+  return !isZombie(pid);
+}
+
+/** A worker that died after its command ended, in a container whose first process reaps nothing, stays
+ * a zombie: signal 0 still finds it (Linux; elsewhere no such file, and no such answer). */
+function isZombie(pid) {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'ascii');
+    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z');
+  } catch {
+    return false;
   }
 }
 
@@ -2783,7 +2903,12 @@ function startWorker(files, record, { mode, key, env, console }) {
   }
   record.detached = false;
   writeRecord(files, record);
-  return runWorker(files, key, { detached: false });
+  const running = runWorker(files, key, { detached: false });
+  CURRENT.running = running;
+  running.finally(() => {
+    CURRENT.running = null;
+  });
+  return running;
 }
 
 /** The worker's own peak resident memory in KiB. Linux: VmHWM, because maxRSS keeps the peak of the
@@ -3149,19 +3274,58 @@ async function conclude(files, record, console) {
 /** Attach to the job with this fingerprint that is running or unreported; else start one. */
 async function findOrStartJob(folder, record, { key, env, console }) {
   const mode = workerMode(env);
-  let found;
   try {
-    const [records, removed] = pruneRecords(folder, listRecords(folder));
-    for (const answer of removed) console.warn(`removed ${answer}, the raw answer of a job that ended 7 days ago`);
-    found = records.reverse().find((r) => r.fingerprint === record.fingerprint && isAttachable(jobFiles(folder, r.id), r));
-    if (found) return { files: jobFiles(folder, found.id), attached: true, record: found, running: null };
-    const files = jobFiles(folder, record.id);
-    writeRecord(files, record);
-    const running = startWorker(files, record, { mode, key, env, console });
-    return { files, attached: false, record, running };
+    return await withStateLock(folder, () => findOrStart(folder, record, { mode, key, env, console }));
   } catch (err) {
     if (err instanceof ToolError || !err.code) throw err;
     throw stateFolderError(folder, err);
+  }
+}
+
+function findOrStart(folder, record, { mode, key, env, console }) {
+  const [records, removed] = pruneRecords(folder, listRecords(folder));
+  for (const answer of removed) console.warn(`removed ${answer}, the raw answer of a job that ended 7 days ago`);
+  const found = records.reverse().find((r) => r.fingerprint === record.fingerprint
+    && isAttachable(jobFiles(folder, r.id), r));
+  if (found) return { files: jobFiles(folder, found.id), attached: true, record: found, running: null };
+  const files = jobFiles(folder, record.id);
+  writeRecord(files, record);
+  const running = startWorker(files, record, { mode, key, env, console });
+  return { files, attached: false, record, running };
+}
+
+/** Finding and starting a job is one step, so two identical commands of this twin never start two jobs:
+ * jobs.node.lock, created exclusively, names its holder's pid; a dead holder's lock is taken over. (The
+ * Python twin's jobs.lock is an OS lock this twin cannot take: see references/jobs.md.) */
+async function withStateLock(folder, run) {
+  const lock = path.join(folder, 'jobs.node.lock');
+  for (const deadline = now() + STATE_LOCK_WAIT_S; ;) {
+    try {
+      fs.writeFileSync(lock, String(process.pid), { flag: 'wx' });
+      break;
+    } catch (err) {
+      if (err.code !== 'EEXIST') throw err;
+    }
+    if (lockIsStale(lock)) removeQuietly(lock);
+    else if (now() > deadline) {
+      throw new ServiceError(`the state folder ${folder} stayed locked for ${STATE_LOCK_WAIT_S} s`,
+        { hint: `another command holds it; try again, or set ${ENV_STATE_DIR}` });
+    } else await sleep(0.01);
+  }
+  try {
+    return await run();
+  } finally {
+    removeQuietly(lock);
+  }
+}
+
+/** Its holder is gone; an empty lock is one being written, unless it is a second old. */
+function lockIsStale(lock) {
+  try {
+    const holder = Number(fs.readFileSync(lock, 'ascii'));
+    return holder ? !pidAlive(holder) : now() - fs.statSync(lock).mtimeMs / 1000 > 1;
+  } catch {
+    return false;
   }
 }
 
@@ -3177,7 +3341,7 @@ function newRecord(kind, { fingerprint, spec, config, prompt, targets }) {
 
 function attachedLine(record) {
   const age = now() - (record.created_at || now());
-  return `attached to job ${record.id} (started ${age.toFixed(0)} s ago); nothing new was sent`;
+  return `attached to job ${record.id} (started ${fixed(age, 0)} s ago); nothing new was sent`;
 }
 
 /** Say which job this is; with --detach that is all (exit 0). */
@@ -3311,8 +3475,8 @@ function startTicker(console, startedAt) {
   const tty = Boolean(process.stderr.isTTY);
   const timer = setInterval(() => {
     const elapsed = now() - startedAt;
-    if (tty) console.liveLine(`waiting for the image... ${elapsed.toFixed(0)} s`);
-    else console.progress(`still waiting: ${elapsed.toFixed(0)} s elapsed`);
+    if (tty) console.liveLine(`waiting for the image... ${fixed(elapsed, 0)} s`);
+    else console.progress(`still waiting: ${fixed(elapsed, 0)} s elapsed`);
   }, (tty ? PROGRESS_TTY_INTERVAL_S : PROGRESS_LOG_INTERVAL_S) * 1000);
   return () => {
     clearInterval(timer);
@@ -3464,11 +3628,11 @@ function reportResult(result, console) {
   for (const saved of result.files) {
     const { info } = saved;
     console.progress(`saved ${saved.path} (${info.width}x${info.height}, ${info.format}, `
-      + `${grouped(Number((saved.size_bytes / 1024).toFixed(0)))} KB)`);
+      + `${grouped(Number(fixed(saved.size_bytes / 1024, 0)))} KB)`);
     console.result(saved.path);
   }
   const revised = firstRevisedPrompt(result.meta);
-  const done = `done in ${result.elapsed_s.toFixed(0)} s` + (result.request_id ? ` (request id ${result.request_id})` : '');
+  const done = `done in ${fixed(result.elapsed_s, 0)} s` + (result.request_id ? ` (request id ${result.request_id})` : '');
   const spent = [usageText(result.meta.usage), costText(result.cost)].filter(Boolean).join('; ');
   for (const line of [spent, revised ? `revised prompt: ${revised}` : '', result.error && !result.files.length ? '' : done]) {
     if (line) console.progress(line);
@@ -3698,10 +3862,7 @@ async function runSingle(job, config, console, env, args) {
   const start = await findOrStartJob(openStateFolder(env), record, { key: config.api_key, env, console });
   if (!start.attached) console.progress(startLine(job));
   const done = beginJob(start, console, args.detach);
-  if (done !== null) {
-    if (start.running) await start.running;
-    return done;
-  }
+  if (done !== null) return done;
   return followSingle(start, console, args.max_wait);
 }
 
@@ -3820,7 +3981,8 @@ function parserError(message) {
 
 /** A token argparse would take for an option: a dash and more, unless it is a negative number. */
 function looksLikeOption(token) {
-  return token.startsWith('-') && token !== '-' && !/^-\d+$|^-\d*\.\d+$/.test(token);
+  if (!token.startsWith('-') || token === '-' || /^-\d+$|^-\d*\.\d+$/.test(token)) return false;
+  return !token.includes(' ') || Boolean(splitOption(token.split('=')[0])[0]);   // "-a cat on a mat" is a value
 }
 
 /** The option a token names, and a value written into it (--size=16:9, -s16:9, -n=3). */
@@ -3909,11 +4071,19 @@ function handleSignals(console) {
         SIGNALS.received = SIGNALS.received || name;
         return;
       }
-      reportFailure(new InterruptedRun('interrupted; no partial file was left (a request already sent may be billed)',
-        { exitCode: SIGNAL_EXITS[name] }), console);
-      for (const temporary of CURRENT.temporaries) removeQuietly(temporary);
-      process.exit(SIGNAL_EXITS[name]);
+      endNow(reportFailure(new InterruptedRun('interrupted; no partial file was left (a request already sent may be '
+        + 'billed)', { exitCode: SIGNAL_EXITS[name] }), console));
     });
+  }
+}
+
+/** NODE_DEBUG=http (or net, tls) makes Node print every request's headers to stderr, the key among
+ * them, and it cannot be switched off once Node has started: refused before anything is read. */
+function checkNodeDebug(env) {
+  const modules = (env.NODE_DEBUG || '').split(/[\s,]+/).filter((m) => /^(http|https|http2|net|tls|\*)$/i.test(m));
+  if (modules.length) {
+    throw new UsageError(`NODE_DEBUG=${modules.join(',')} would print the API key with every request`,
+      { hint: 'unset NODE_DEBUG (or leave out http, https, http2, net and tls)' });
   }
 }
 
@@ -3927,6 +4097,7 @@ async function main(argv = process.argv.slice(2)) {
     return EXIT_USAGE;
   }
   try {
+    checkNodeDebug(process.env);
     const args = parseArgs(argv);
     if (args.run_job) return await runWorkerProcess(args.run_job, process.env);
     console.quiet = args.quiet;
@@ -3939,9 +4110,18 @@ async function main(argv = process.argv.slice(2)) {
   }
 }
 
+/** The command ends here, with a job that ran inside it (as a Python daemon thread ends with its
+ * process): its request is dropped and its temporaries go, once stdout and stderr are flushed. */
+function endNow(code) {
+  if (CURRENT.request) CURRENT.request.destroy();
+  for (const temporary of CURRENT.temporaries) removeQuietly(temporary);
+  process.stdout.write('', () => process.stderr.write('', () => process.exit(code)));
+}
+
 if (require.main === module) {
   main().then((code) => {
     process.exitCode = code;
+    if (CURRENT.running) endNow(code);
   }, (err) => {
     process.stderr.write(`${PROG}: a bug: report it with this trace\n${err && err.stack ? err.stack : err}\n`);
     process.exitCode = EXIT_BUG;

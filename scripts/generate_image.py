@@ -4048,7 +4048,8 @@ def worker_alive(files: JobFiles, record: Mapping[str, Any]) -> bool:
 def pid_worker_alive(record: Mapping[str, Any]) -> bool:
     """A worker of the Node.js twin holds no lock (Node has none that the system drops when its holder
     dies): its record says so, and its pid tells whether it lives."""
-    return record.get("liveness") == "pid" and isinstance(record.get("pid"), int) and pid_alive(record["pid"])
+    pid = record.get("pid")
+    return record.get("liveness") == "pid" and type(pid) is int and pid > 0 and pid_alive(pid)
 
 
 def pid_alive(pid: int) -> bool:
@@ -4057,10 +4058,10 @@ def pid_alive(pid: int) -> bool:
     if os.name == "nt":
         import ctypes
 
-        kernel = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        kernel = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
         handle = kernel.OpenProcess(WINDOWS_QUERY_LIMITED_INFORMATION, False, pid)
         if not handle:
-            return kernel.GetLastError() == WINDOWS_ACCESS_DENIED
+            return ctypes.get_last_error() == WINDOWS_ACCESS_DENIED  # type: ignore[attr-defined]
         code = ctypes.c_ulong()
         try:
             return bool(kernel.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == WINDOWS_STILL_ACTIVE
@@ -4072,7 +4073,18 @@ def pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    return not is_zombie(pid)
+
+
+def is_zombie(pid: int) -> bool:
+    """A worker that died after its command ended, in a container whose first process reaps nothing, stays
+    a zombie: signal 0 still finds it (Linux; elsewhere there is no such file)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read()
+    except OSError:
+        return False
+    return text[text.rfind(b")") + 2:].startswith(b"Z")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,21 @@ def test_the_worker_is_detached_without_a_console(platform: str) -> None:
     assert options == {"detached": True, "stdio": ["ignore", 3, 3], "env": {}, "windowsHide": True}
 
 
+def test_a_zombie_is_not_a_live_worker() -> None:
+    """A child that exited and was never waited for: signal 0 finds it, the state in /proc says Z."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc here")
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while not gi.is_zombie(zombie.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert not gi.pid_alive(zombie.pid)
+        assert node_decides("linux", f"m.pidAlive({zombie.pid})") is False
+    finally:
+        zombie.wait()
+
+
 def test_a_worker_is_known_alive_by_its_pid_in_both_twins() -> None:
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(gone.stdout)
@@ -81,6 +97,7 @@ def test_a_worker_is_known_alive_by_its_pid_in_both_twins() -> None:
     record = {"liveness": "pid", "pid": os.getpid(), "state": "waiting"}
     assert gi.pid_worker_alive(record) and not gi.pid_worker_alive({**record, "pid": dead})
     assert not gi.pid_worker_alive({k: v for k, v in record.items() if k != "liveness"})  # Python's own: its lock
+    assert not gi.pid_worker_alive({**record, "pid": True})
 
 
 def test_windows_asks_the_process_itself_never_os_kill(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,13 +116,10 @@ def test_windows_asks_the_process_itself_never_os_kill(monkeypatch: pytest.Monke
         def CloseHandle(self, handle: int) -> None:
             calls.append(("close", handle))
 
-        def GetLastError(self) -> int:
-            return 0
-
     import ctypes
 
     as_if_on("win32", monkeypatch)
-    monkeypatch.setattr(ctypes, "windll", type("windll", (), {"kernel32": Kernel()})(), raising=False)
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error=False: Kernel(), raising=False)
     monkeypatch.setattr(gi.os, "kill", lambda *a: pytest.fail("os.kill on Windows ends the process"))
     assert gi.pid_alive(1234)
     assert calls == [("open", gi.WINDOWS_QUERY_LIMITED_INFORMATION, 1234), ("close", 7)]

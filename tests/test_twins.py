@@ -37,6 +37,8 @@ INPUTS: dict[str, Any] = {
     "mask.png": ("png", 256, 256, True), "small-mask.png": ("png", 128, 128, True),
     "花园.png": ("png", 256, 256, False), "photo.png": ("jpeg", 160, 120, False),   # a JPEG named .png
     "notimg.png": b"hello, not an image", "f.json": b'[{"prompt": "cat"}]',
+    # a PNG whose IHDR claims 4 GiB: a mask check must read what is there, not what it claims
+    "liar-mask.png": b"\x89PNG\r\n\x1a\n\xff\xff\xff\xf0IHDR" + (256).to_bytes(4, "big") * 2 + b"\x08\x06",
 }
 
 
@@ -111,6 +113,7 @@ DRY_RUNS = [
                   "gpt-image-2.5-flare"], {"output_format": "webp", "background": "transparent"},
                  id="webp-transparent"),
     pytest.param(["-p", "cat", "-f", "three.png", "-n", "3"], {"n": 3}, id="n-3"),
+    pytest.param(["-p", "-a cat on a mat", "-f", "dash.png"], {"prompt": "-a cat on a mat"}, id="prompt-with-a-dash"),
     pytest.param(["-p", "cat", "-f", "loose.png", "--moderation", "low"], {"moderation": "low"}, id="moderation"),
     pytest.param(["-p", "加一道彩虹", "-f", "edit.png", "-i", "in.png"], {"prompt": "加一道彩虹"}, id="edit"),
     pytest.param(["-p", "fuse", "-f", "fused.png", "-i", "a.png", "b.jpg"], {"prompt": "fuse"}, id="fusion"),
@@ -535,3 +538,84 @@ def test_the_servers_answers_end_the_same_way(twin: str, api: FakeImagesAPI, onl
     errors = [[line for line in same_words(r.stderr).splitlines() if ": error: " in line] for r in (reference, run)]
     assert errors[0] == errors[1] and len(errors[0]) == 1
     assert len(api.requests) == (1 if twin == "python" else 2)
+
+
+# Answers cut or odd at the transport: the same exit code and words from both (a review found the twin
+# crashing on each of these, or throwing a paid answer away).
+CUT_ANSWERS = [
+    pytest.param(Reply(body=images_answer([make_png(300, 300) + b"\1" * 20_000]), truncate=5000), gi.EXIT_MAYBE_BILLED,
+                 "possibly_billed", id="closed-mid-body"),
+    pytest.param(Reply(status=500, body=b"<html>" + b"x" * 200_000), gi.EXIT_UNAVAILABLE, "service",
+                 id="500-with-a-long-body"),
+]
+ANSWERS += CUT_ANSWERS
+
+
+def saved_answers(api: FakeImagesAPI, image: bytes) -> dict[str, list[Reply]]:
+    """Answers a paid image must survive, by name: the replies to queue (an image URL is fetched from the
+    fake too)."""
+    url = f"{api.url}/files/cat.png"
+    return {
+        "nan-in-usage": [Reply(body=json.dumps(images_answer([image])).replace('"total_tokens": 4210',
+                                                                                '"total_tokens": NaN').encode())],
+        "url-over-64-kib": [Reply(body={"data": [{"url": url}]}), Reply(body=image)],
+        "url-redirected": [Reply(body={"data": [{"url": url}]}), Reply(status=302, headers={"Location": url + "?2"}),
+                           Reply(body=image)],
+    }
+
+
+@pytest.mark.parametrize("name", ["nan-in-usage", "url-over-64-kib", "url-redirected"])
+def test_a_paid_image_is_saved_whole_by_both(twin: str, api: FakeImagesAPI, online_env: dict[str, str],
+                                             isolated: Path, name: str) -> None:
+    image = make_image("png", 300, 300) + b"\0" * 70_000     # more than an error body is kept
+    for reply in saved_answers(api, image)[name]:
+        api.queue(reply)
+    done = run_twin(twin, "-p", "cat", "-f", "cat.png", "--retries", "0", env=online_env)
+    assert (done.returncode, done.stdout) == (0, b"cat.png" + os.linesep.encode()), done.stderr.decode()
+    assert (isolated / "cat.png").read_bytes() == image
+
+
+def test_a_lying_mask_is_checked_without_a_crash(twin: str, api: FakeImagesAPI, inputs: Path,
+                                                offline_env: dict[str, str]) -> None:
+    reference, run = pair(twin, "-p", "cat", "-i", "in.png", "-m", "liar-mask.png", "-f", "m.png", "--dry-run",
+                          env=offline_env)
+    assert (run.returncode, same_request(run.stdout)) == (reference.returncode, same_request(reference.stdout))
+    assert first_line(run.stderr) == first_line(reference.stderr) and b"a bug" not in run.stderr
+
+
+def test_node_debug_that_would_print_the_key_is_refused(api: FakeImagesAPI, online_env: dict[str, str]) -> None:
+    if skip_reason("node"):
+        pytest.skip(skip_reason("node"))
+    done = run_twin("node", "-p", "cat", "-f", "cat.png", env={**online_env, "NODE_DEBUG": "net,http"})
+    assert done.returncode == gi.EXIT_USAGE and api.requests == []
+    assert b"NODE_DEBUG=net,http would print the API key" in done.stderr and TEST_KEY.encode() not in done.stderr + done.stdout
+
+
+def test_identical_commands_started_together_pay_once(twin: str, api: FakeImagesAPI, agent_env: dict[str, str],
+                                                      isolated: Path) -> None:
+    """Finding or starting a job is one locked step in each twin: three at once make one request."""
+    api.queue(SLOW)
+    started = [subprocess.Popen([*twin_command(twin), "-p", "cat", "-f", "cat.png"], env=agent_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [process.communicate(timeout=60) for process in started]
+    assert [process.returncode for process in started] == [0, 0, 0], [err.decode() for _, err in outputs]
+    assert len(api.requests) == 1 and sorted(p.name for p in isolated.iterdir()) == ["cat.png"]
+
+
+def test_ctrl_c_ends_a_job_running_inside_the_command_at_once(twin: str, api: FakeImagesAPI,
+                                                             agent_env: dict[str, str], isolated: Path) -> None:
+    """With no worker process the job is the command's: interrupted, it ends now and says what is lost."""
+    api.queue(dataclasses.replace(SLOW, delay=5))
+    waiting = subprocess.Popen([*twin_command(twin), "-p", "cat", "-f", "cat.png"],
+                               env={**agent_env, "APIYI_WORKER": "inprocess"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not api.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    interrupted = time.monotonic()
+    waiting.send_signal(signal.SIGINT)
+    out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 130 and time.monotonic() - interrupted < 2
+    assert "interrupted after the request was sent: it may be billed" in err.decode()
+    assert not (isolated / "cat.png").exists()
