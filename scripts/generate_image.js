@@ -441,7 +441,7 @@ function timestamp(date = new Date()) {
 
 function intInRange(low, high, step = 1) {
   return (text) => {
-    if (!/^\s*[+-]?\d+\s*$/.test(text.replace(/_/g, ''))) throw new ArgumentTypeError(`${pyRepr(text)} is not a whole number`);
+    if (!/^\s*[+-]?\d+(_\d+)*\s*$/.test(text)) throw new ArgumentTypeError(`${pyRepr(text)} is not a whole number`);
     const value = parseInt(text.replace(/_/g, ''), 10);
     if (!(low <= value && value <= high)) throw new ArgumentTypeError(`${value} is outside ${low}-${high}`);
     if ((value - low) % step) throw new ArgumentTypeError(`${value} is not a multiple of ${step}`);
@@ -792,7 +792,10 @@ function readStdin(limit) {
     try {
       count = fs.readSync(0, buffer, 0, buffer.length, null);
     } catch (err) {
-      if (err.code === 'EAGAIN') continue;
+      if (err.code === 'EAGAIN') {     // a non-blocking stdin with nothing yet
+        sleepSync(0.01);
+        continue;
+      }
       if (err.code === 'EOF') break;
       throw err;
     }
@@ -1465,22 +1468,24 @@ function checkBaseUrl(text) {
   if ([...url].some((ch) => /\s/.test(ch) || ch.charCodeAt(0) < 0x20 || ch.charCodeAt(0) === 0x7f)) {
     throw new UsageError(`--base-url ${pyRepr(url)} holds spaces or control characters`, example);
   }
-  let parts;
-  try {
-    parts = new URL(url);
-  } catch {
-    parts = null;
+  const parts = urlsplit(url);
+  if (parts.port && !/^\d+$/.test(parts.port)) {
+    throw new UsageError(`--base-url ${pyRepr(url)} is not a usable URL: Port could not be cast to integer value as `
+      + `${pyRepr(parts.port)}`, example);
   }
-  const scheme = (/^([A-Za-z][A-Za-z0-9+.-]*):/.exec(url) || [])[1];
-  if (parts && (parts.username || parts.password || /^[a-z]+:\/\/[^/]*@/i.test(url))) {
+  if (parts.port && Number(parts.port) > 65535) {
+    throw new UsageError(`--base-url ${pyRepr(url)} is not a usable URL: Port out of range 0-65535`, example);
+  }
+  if (parts.userinfo !== null) {
     throw new UsageError('--base-url holds a user name or password; the key goes in APIYI_API_KEY or -k',
       { hint: 'give the URL without user:password@' });
   }
-  if (!parts || !['http', 'https'].includes((scheme || '').toLowerCase()) || !parts.hostname) {
+  if (!['http', 'https'].includes(parts.scheme) || !parts.hostname) {
     throw new UsageError(`--base-url ${pyRepr(text)} is not an http(s) URL`, example);
   }
-  if (parts.search || parts.hash || url.includes('?') || url.includes('#')) {
-    throw new UsageError(`--base-url ${pyRepr(text)} has a query or fragment`, example);
+  if (parts.rest) throw new UsageError(`--base-url ${pyRepr(text)} has a query or fragment`, example);
+  if (parts.hostname.split('.').some((label) => Buffer.byteLength(label) > 63)) {
+    throw new UsageError(`--base-url ${pyRepr(shortName(text))}: the host name is not a valid domain name`, example);
   }
   for (const endpoint of [GENERATIONS_PATH, EDITS_PATH]) {
     if (url.endsWith(endpoint)) {
@@ -1488,11 +1493,24 @@ function checkBaseUrl(text) {
         { hint: `use ${url.slice(0, -endpoint.length)}` });
     }
   }
-  const host = parts.hostname.replace(/^\[|\]$/g, '');
-  if (parts.protocol === 'http:' && !isLoopbackHost(host)) {
-    return [url, [`${host} is plain http: the API key travels unencrypted`]];
+  if (parts.scheme === 'http' && !isLoopbackHost(parts.hostname)) {
+    return [url, [`${parts.hostname} is plain http: the API key travels unencrypted`]];
   }
   return [url, []];
+}
+
+/** A URL's parts as Python's urlsplit reads them (WHATWG's URL reads more: backslashes as slashes,
+ * 0x7f.1 as 127.0.0.1), so both twins accept and refuse the same base URLs. */
+function urlsplit(url) {
+  const [, scheme = '', netloc = null, rest = ''] = /^(?:([A-Za-z][A-Za-z0-9+.-]*):)?(?:\/\/([^/?#]*))?[^?#]*(.*)$/
+    .exec(url);
+  const at = (netloc || '').lastIndexOf('@');
+  const hostPort = (netloc || '').slice(at + 1);
+  const bracketed = /^\[([^\]]*)\](?::(.*))?$/.exec(hostPort);
+  const [host, port] = bracketed ? [bracketed[1], bracketed[2] || ''] : [hostPort.split(':')[0], hostPort.split(':')[1]
+    || ''];
+  return { scheme: scheme.toLowerCase(), userinfo: at >= 0 ? netloc.slice(0, at) : null, hostname: host.toLowerCase(),
+    port, rest };
 }
 
 /** The key and warnings. Windows CMD keeps the quotes of set KEY="..." in the value; no key has them. */
@@ -1658,8 +1676,9 @@ function uploadDeadlineS(request) {
   return UPLOAD_BASE_S + request.body.length / UPLOAD_MIN_BYTES_PER_S;
 }
 
+/** The URL's netloc, as the Python twin names the server in its messages (never a throw). */
 function hostOf(url) {
-  return new URL(url).host;
+  return (/^[a-z][a-z0-9+.-]*:\/\/([^/?#]*)/i.exec(url) || [])[1] || url;
 }
 
 /** What went wrong in words, as the system says it ("Connection refused"), never a stack. */
@@ -1976,6 +1995,11 @@ function connectHint(reason) {
 function billedHint(timeoutS = null) {
   const longer = timeoutS ? `, then retry with a longer --timeout (now ${gFormat(timeoutS)} s)` : '';
   return `the request may already have been billed; check your APIYI usage before retrying${longer}`;
+}
+
+/** A real pause of the thread, where the code must stay synchronous (a Windows rename retried). */
+function sleepSync(seconds) {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, seconds * 1000);
 }
 
 function sleep(seconds) {
@@ -2443,8 +2467,7 @@ function replaceFile(source, target) {
       return;
     } catch (err) {
       if (!IS_WINDOWS || !['EPERM', 'EACCES', 'EBUSY'].includes(err.code) || attempt === 99) throw err;
-      const until = Date.now() + 10;
-      while (Date.now() < until) { /* a short wait, synchronously */ }
+      sleepSync(0.01);
     }
   }
 }
@@ -3242,7 +3265,7 @@ function needsRecovery(files, record) {
 /** Received but not saved (the worker died, or the disk failed): saved now, with no new request. */
 async function recoverFromSpool(files, record, console) {
   console.progress(`job ${files.jobId}: saving the answer received earlier; nothing new is sent`);
-  const worker = new JobWorker(files, record, '');
+  const worker = new JobWorker(files, record, console.secrets[0] || '');   // a key the server echoed is masked
   CURRENT.tag = `${files.jobId}-`;
   await finishSingle(worker, record.spec, record.response);
   return worker.record;
@@ -3268,7 +3291,12 @@ async function conclude(files, record, console) {
   const latest = readRecord(files.record) || record;
   if (workerAlive(latest)) return latest;
   const settled = settleDeadWorker(files, latest);
-  return needsRecovery(files, settled) ? recoverFromSpool(files, settled, console) : settled;
+  try {
+    return needsRecovery(files, settled) ? await recoverFromSpool(files, settled, console) : settled;
+  } catch (err) {
+    if (err.code !== 'ENOENT') throw err;
+    return readRecord(files.record) || settled;     // another command saved that spool a moment ago
+  }
 }
 
 /** Attach to the job with this fingerprint that is running or unreported; else start one. */
