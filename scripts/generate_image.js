@@ -379,7 +379,8 @@ function pyRepr(text) {
     const code = ch.codePointAt(0);
     if (named[ch]) out += named[ch];
     else if (ch === quote) out += `\\${ch}`;
-    else if (code < 0x20 || (code >= 0x7f && code <= 0xa0) || code === 0xad) out += `\\x${code.toString(16).padStart(2, '0')}`;
+    else if (code < 0x20 || (code >= 0x7f && code <= 0xa0) || code === 0xad)
+      out += `\\x${code.toString(16).padStart(2, '0')}`;
     else if (code >= 0xd800 && code <= 0xdfff) out += `\\u${code.toString(16)}`;
     else out += ch;
   }
@@ -390,7 +391,8 @@ function pyRepr(text) {
 function pyJson(value, { indent = null, ascii = true, sortKeys = false } = {}, depth = 0) {
   if (value === null || value === undefined) return 'null';
   if (typeof value === 'boolean') return value ? 'true' : 'false';
-  if (typeof value === 'number') return Number.isFinite(value) ? String(value) : { Infinity: 'Infinity', '-Infinity': '-Infinity' }[value] || 'NaN';
+  if (typeof value === 'number')
+    return Number.isFinite(value) ? String(value) : { Infinity: 'Infinity', '-Infinity': '-Infinity' }[value] || 'NaN';
   if (typeof value === 'string') {
     const text = JSON.stringify(value);
     return ascii ? text.replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
@@ -454,7 +456,8 @@ function positiveAmount(text, most, what, limit) {
   if (Number.isNaN(value) && !/^\s*[+-]?nan\s*$/i.test(text)) {
     throw new ArgumentTypeError(`${pyRepr(shortName(text))} is not ${what}`);
   }
-  if (!(value > 0 && value <= most)) throw new ArgumentTypeError(`${shortName(text)} must be above 0 and at most ${limit}`);
+  if (!(value > 0 && value <= most))
+    throw new ArgumentTypeError(`${shortName(text)} must be above 0 and at most ${limit}`);
   return value;
 }
 
@@ -467,7 +470,8 @@ function pyFloat(text) {
 }
 
 const positiveDollars = (text) => positiveAmount(text, MAX_COST_USD, 'an amount in US dollars', gFormat(MAX_COST_USD));
-const positiveSeconds = (text) => positiveAmount(text, MAX_WAIT_S, 'a number of seconds', `${gFormat(MAX_WAIT_S)} (a day)`);
+const positiveSeconds = (text) =>
+  positiveAmount(text, MAX_WAIT_S, 'a number of seconds', `${gFormat(MAX_WAIT_S)} (a day)`);
 
 function choiceOf(choices, transform = (s) => s.toLowerCase()) {
   return (text) => {
@@ -494,8 +498,10 @@ function defaultModel(env) {
     return text.trim() ? modelName(text) : DEFAULT_MODEL;
   } catch (err) {
     if (!(err instanceof ArgumentTypeError)) throw err;
-    throw new UsageError(`${ENV_MODEL}: ${err.message}`, { hint: `set it to a name from ${PROG} --list-models, or unset it`,
-      field: 'model' });
+    throw new UsageError(`${ENV_MODEL}: ${err.message}`, {
+      hint: `set it to a name from ${PROG} --list-models, or unset it`,
+      field: 'model'
+    });
   }
 }
 
@@ -535,9 +541,12 @@ function sizeRuleViolations(width, height, rule = FREE) {
   if (Math.max(width, height) < (rule.long_edge_from || 0)) {
     rules.push(`the longest edge must be at least ${rule.long_edge_from}`);
   }
-  if (Math.max(width, height) / Math.min(width, height) > MAX_ASPECT) rules.push('the aspect ratio must be at most 3:1');
+  if (Math.max(width, height) / Math.min(width, height) > MAX_ASPECT)
+    rules.push('the aspect ratio must be at most 3:1');
   if (!(fewest <= width * height && width * height <= most)) {
-    rules.push(`the total pixels must be between ${grouped(fewest)} and ${grouped(most)} (got ${grouped(width * height)})`);
+    rules.push(
+      `the total pixels must be between ${grouped(fewest)} and ${grouped(most)} (got ${grouped(width * height)})`
+    );
   }
   return rules;
 }
@@ -596,7 +605,10 @@ function sizeForRatio(ratioW, ratioH, resolution, rule = FREE) {
 function resolveSize(text, resolution, profile, { fmt = 'png', frames = GIF_DEFAULT_FRAMES, firstInput = null } = {}) {
   if (text === null || text === undefined) {
     if (resolution) {
-      throw new UsageError('--resolution needs an aspect ratio size', { hint: 'e.g. -s 16:9 -r 2K', field: 'resolution' });
+      throw new UsageError('--resolution needs an aspect ratio size', {
+        hint: 'e.g. -s 16:9 -r 2K',
+        field: 'resolution'
+      });
     }
     return [null, ''];
   }
@@ -632,8 +644,11 @@ function profileSize(kind, a, b, resolution, profile) {
   if (kind === 'wxh' && every.includes(`${a}x${b}`)) return [`${a}x${b}`, ''];
   if (rule && !(kind !== 'wxh' && resolution in tiers)) return ruleSize(kind, a, b, resolution, rule, profile.name);
   if (kind === 'wxh') {
-    throw new UsageError(`--size ${a}x${b}: ${profile.name} takes only its fixed sizes; nearest is `
-      + `${nearestByRatio(a, b, every, a * b)}`, { hint: `see ${PROG} --list-models, or give a ratio such as -s 16:9 -r 2K` });
+    throw new UsageError(
+      `--size ${a}x${b}: ${profile.name} takes only its fixed sizes; nearest is ` +
+        `${nearestByRatio(a, b, every, a * b)}`,
+      { hint: `see ${PROG} --list-models, or give a ratio such as -s 16:9 -r 2K` }
+    );
   }
   const tier = resolution || DEFAULT_TIER;
   if (!(tier in tiers)) {
@@ -768,13 +783,16 @@ function readPrompt(value) {
     }
     const bad = firstInvalidUtf8(raw);
     if (bad >= 0) {
-      throw new UsageError(`the prompt on standard input is not UTF-8 (byte ${bad})`, { hint: 'save or pipe it as UTF-8' });
+      throw new UsageError(`the prompt on standard input is not UTF-8 (byte ${bad})`, {
+        hint: 'save or pipe it as UTF-8'
+      });
     }
     value = raw.toString('utf8').replace(/^\ufeff/, '');
     value = value.endsWith('\r\n') ? value.slice(0, -2) : value.endsWith('\n') ? value.slice(0, -1) : value;
   }
   checkText(value, 'the prompt');
-  if (!value.trim()) throw new UsageError('the prompt is empty', { hint: 'describe the image: -p "a cute orange cat"' });
+  if (!value.trim())
+    throw new UsageError('the prompt is empty', { hint: 'describe the image: -p "a cute orange cat"' });
   const length = codePoints(value);
   if (length > MAX_PROMPT_CHARS) {
     throw new UsageError(`the prompt has ${grouped(length)} characters; the limit is ${grouped(MAX_PROMPT_CHARS)}`,
@@ -855,10 +873,17 @@ function readAt(handle, position, length) {
 function imageInfoFromHandle(handle) {
   const head = readAt(handle, 0, 32);
   let info = null;
-  if (head.subarray(0, 8).equals(Buffer.from('\x89PNG\r\n\x1a\n', 'latin1')) && head.toString('latin1', 12, 16) === 'IHDR'
-      && head.length >= 24) {
+  if (
+    head.subarray(0, 8).equals(Buffer.from('\x89PNG\r\n\x1a\n', 'latin1')) &&
+    head.toString('latin1', 12, 16) === 'IHDR' &&
+    head.length >= 24
+  ) {
     info = imageInfo('png', head.readUInt32BE(16), head.readUInt32BE(20));
-  } else if (head.toString('latin1', 0, 4) === 'RIFF' && head.toString('latin1', 8, 12) === 'WEBP' && head.length >= 30) {
+  } else if (
+    head.toString('latin1', 0, 4) === 'RIFF' &&
+    head.toString('latin1', 8, 12) === 'WEBP' &&
+    head.length >= 30
+  ) {
     info = webpInfo(head);
   } else if (head[0] === 0xff && head[1] === 0xd8 && head[2] === 0xff) {
     info = jpegInfo(handle);
@@ -1061,7 +1086,9 @@ function checkInputFile(text, role, limit) {
 function checkMask(text, firstImage) {
   const mask = checkInputFile(text, '--mask', MAX_MASK_BYTES);
   if (mask.info.format !== 'png') {
-    throw new UsageError(`--mask ${text} is ${mask.info.format.toUpperCase()}; a mask must be a PNG with an alpha channel`);
+    throw new UsageError(
+      `--mask ${text} is ${mask.info.format.toUpperCase()}; a mask must be a PNG with an alpha channel`
+    );
   }
   if (!pngHasAlpha(mask.path)) {
     throw new UsageError(`--mask ${text} has no alpha channel`,
@@ -1130,7 +1157,9 @@ function planOutputPath(filename, formatFlag, prompt) {
   const file = pyPath(expandPath(filename));
   const name = path.basename(file);
   if (!name || name === '.' || name === '..' || /[/\\]$/.test(filename) || pathKind(file) === 'folder') {
-    throw new UsageError(`-f ${filename} names a folder`, { hint: `give a file name, e.g. -f ${path.join(file, 'cat.png')}` });
+    throw new UsageError(`-f ${filename} names a folder`, {
+      hint: `give a file name, e.g. -f ${path.join(file, 'cat.png')}`
+    });
   }
   if (IS_WINDOWS && !windowsAccepts(name)) {
     throw new UsageError(`-f ${filename}: ${pyRepr(name)} ${WINDOWS_NAME_RULE}`, { hint: 'choose another name' });
@@ -1204,7 +1233,8 @@ function checkOutputFolder(folder, create) {
       return;
     }
     const existing = [folder, ...pyParents(folder)].find((p) => fs.existsSync(p));
-    if (pathKind(existing) !== 'folder' || !isWritable(existing)) throw new Error(`${existing} is not a writable folder`);
+    if (pathKind(existing) !== 'folder' || !isWritable(existing))
+      throw new Error(`${existing} is not a writable folder`);
   } catch (err) {
     throw new UsageError(`the output folder ${folder} cannot be written: ${reasonText(err)}`,
       { hint: 'choose another -f path' });
@@ -1258,7 +1288,9 @@ function checkProfile(args, profile, fmt, given) {
     warnings.push(`${profile.name} picks a GIF's size itself: the size asked may not be the one made`);
   }
   if (profile.real_size_differs && args.size && !args.strict_size) {
-    warnings.push(`${profile.name} may return another size than asked (--strict-size makes that exit ${EXIT_MISMATCH})`);
+    warnings.push(
+      `${profile.name} may return another size than asked (--strict-size makes that exit ${EXIT_MISMATCH})`
+    );
   }
   if ((args.n || 1) > profile.max_n) {
     throw new UsageError(`-n ${args.n}: ${profile.name} makes at most ${profile.max_n} per request`
@@ -1339,7 +1371,9 @@ function estimateCost(job, multiplier, history = []) {
     return { low: usd, high: usd, basis: 'per_image', source: 'the flat price' };
   }
   const table = outputTokenBounds(job, profile);
-  const bounds = history.length ? [Math.min(...history), Math.max(...history, ...(table ? table.slice(1) : []))] : table;
+  const bounds = history.length
+    ? [Math.min(...history), Math.max(...history, ...(table ? table.slice(1) : []))]
+    : table;
   if (bounds === null || ['gif', 'svg'].includes(job.output.format)) {
     const why = { gif: 'GIF frames have no published token figure', svg: "an SVG's author model is not priced" };
     return { low: null, high: null, basis: profile.line === 'official' ? 'tokens' : 'unknown',
@@ -1378,7 +1412,8 @@ function checkCombinations(args, fmt) {
     throw new UsageError('--output-compression applies to jpeg or webp, but the output format is png',
       { hint: 'add -o jpeg or -o webp, or drop -c', field: 'output_compression' });
   }
-  if (args.mask && !args.input_image) throw new UsageError('--mask needs an input image to apply to', { hint: 'add -i IMAGE', field: 'mask' });
+  if (args.mask && !args.input_image)
+    throw new UsageError('--mask needs an input image to apply to', { hint: 'add -i IMAGE', field: 'mask' });
   if (args.moderation && args.input_image) {
     throw new UsageError('--moderation applies to text-to-image only (the edits endpoint has no such field)',
       { hint: 'drop --moderation', field: 'moderation' });
@@ -1598,7 +1633,10 @@ function formValue(value) {
 /** HTML5 form escaping, as browsers and httpx (the SDK's transport) do it. */
 function quoteFormParam(value) {
   const escaped = value.replace(/\\/g, '\\\\').replace(/"/g, '%22');
-  return escaped.replace(/[\x00-\x1a\x1c-\x1f]/g, (ch) => `%${ch.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')}`);
+  return escaped.replace(
+    /[\x00-\x1a\x1c-\x1f]/g,
+    (ch) => `%${ch.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')}`
+  );
 }
 
 /** The file's name with its real format's extension: some gateways label a part's type by its name. */
@@ -1625,9 +1663,16 @@ function encodeMultipart(fields, files, boundary = randomHex(16)) {
       + `${text}\r\n`, 'utf8'));
   }
   for (const [name, upload] of files) {
-    segments.push(Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="${quoteFormParam(name)}"; `
-      + `filename="${quoteFormParam(uploadName(upload))}"\r\nContent-Type: ${CONTENT_TYPES[upload.info.format]}\r\n\r\n`,
-    'utf8'), upload, Buffer.from('\r\n'));
+    segments.push(
+      Buffer.from(
+        `--${boundary}\r\nContent-Disposition: form-data; name="${quoteFormParam(name)}"; ` +
+          `filename="${quoteFormParam(uploadName(upload))}"\r\n` +
+          `Content-Type: ${CONTENT_TYPES[upload.info.format]}\r\n\r\n`,
+        'utf8'
+      ),
+      upload,
+      Buffer.from('\r\n')
+    );
   }
   segments.push(Buffer.from(`--${boundary}--\r\n`, 'ascii'));
   const length = segments.reduce((sum, s) => sum + (Buffer.isBuffer(s) ? s.length : s.size_bytes), 0);
@@ -1753,7 +1798,8 @@ async function writeBody(req, body, onStage) {
     try {
       for (let position = 0; remaining > 0;) {
         const piece = readAt(handle, position, Math.min(READ_CHUNK, remaining));
-        if (!piece.length) throw new UsageError(`${segment.path} shrank while it was being sent`, { hint: 'run again' });
+        if (!piece.length)
+          throw new UsageError(`${segment.path} shrank while it was being sent`, { hint: 'run again' });
         onStage('piece');
         position += piece.length;
         remaining -= piece.length;
@@ -1903,8 +1949,10 @@ function announcedLength(headers, limit, what) {
   const text = (headers['content-length'] || '').trim();
   if (!text) return null;
   if (!/^[0-9]{1,18}$/.test(text)) {
-    throw new ServiceError(`the server sent a Content-Length that is not a number: ${pyRepr(cleanText(text).slice(0, 40))}`,
-      { hint: 'the gateway is broken; retry later' });
+    throw new ServiceError(
+      `the server sent a Content-Length that is not a number: ${pyRepr(cleanText(text).slice(0, 40))}`,
+      { hint: 'the gateway is broken; retry later' }
+    );
   }
   if (what && Number(text) > limit) throw tooLarge(what, limit, Number(text));
   return Number(text);
@@ -1954,7 +2002,10 @@ function memorySink(limit, what) {
 
 /** A collection each time COLLECT_EVERY bytes more have gone through (a worker only: see COLLECT_EVERY). */
 function collectNow(total, piece) {
-  if (typeof global.gc === 'function' && Math.floor(total / COLLECT_EVERY) !== Math.floor((total - piece) / COLLECT_EVERY)) {
+  if (
+    typeof global.gc === 'function' &&
+    Math.floor(total / COLLECT_EVERY) !== Math.floor((total - piece) / COLLECT_EVERY)
+  ) {
     global.gc();
   }
 }
@@ -2156,7 +2207,8 @@ function statusHint(status, code, config) {
       + "gateway's direct endpoint as --base-url, and check usage before retrying",
   };
   if (hints[status]) return hints[status];
-  if (status >= 300 && status < 400) return 'the key is never sent to a redirect target; if you trust it, use it as --base-url';
+  if (status >= 300 && status < 400)
+    return 'the key is never sent to a redirect target; if you trust it, use it as --base-url';
   if (REFUSED_STATUSES.has(status)) return 'change the prompt or the parameters the message names';
   return 'retry later';
 }
@@ -2196,7 +2248,14 @@ function safetyRefusal(message, serverText, { status = null, code = '', body = '
   const details = categories ? { categories: categories[1].split(',').filter((c) => c.trim())
     .map((c) => c.trim().replace(/^['" ]+|['" ]+$/g, '')) } : {};
   if (source) details.source = source[0];
-  return new RefusedError(message, { status, code: code || null, kind: 'safety_refusal', hint: SAFETY_HINT, body, details });
+  return new RefusedError(message, {
+    status,
+    code: code || null,
+    kind: 'safety_refusal',
+    hint: SAFETY_HINT,
+    body,
+    details
+  });
 }
 
 /** The answer's JSON with each b64_json value emptied (it parses small), and the spool span of each
@@ -2325,7 +2384,8 @@ function readSpooledAnswer(spool, handle) {
     }
     throw silentRefusal();
   }
-  if (!items.some((item) => item && typeof item === 'object' && (item.b64_json === '' || item.url))) throw silentRefusal();
+  if (!items.some((item) => item && typeof item === 'object' && (item.b64_json === '' || item.url)))
+    throw silentRefusal();
   let next = 0;
   const sources = items.map((item) => {
     if (!item || typeof item !== 'object' || Array.isArray(item)) {
@@ -2342,7 +2402,8 @@ function readSpooledAnswer(spool, handle) {
  * allowed, a data: URL's prefix skipped, characters outside base64 ignored as binascii does, the data
  * ending at its padding. Returns the bytes written and their sha256. */
 function decodeSpan(spool, [begin, end], out) {
-  if (begin === end) throw new ServiceError('an image in the answer is empty (b64_json is blank)', { hint: PAID_ANSWER_HINT });
+  if (begin === end)
+    throw new ServiceError('an image in the answer is empty (b64_json is blank)', { hint: PAID_ANSWER_HINT });
   const head = readAt(spool, begin, Math.min(end - begin, 256)).toString('latin1');
   if (head.startsWith('data:')) {
     if (!head.includes(',')) throw badBase64('the value is a data: URL without base64 after it');
@@ -2358,7 +2419,8 @@ function decodeSpan(spool, [begin, end], out) {
     let text = backslash + raw.toString('latin1');
     backslash = /(^|[^\\])(\\\\)*\\$/.test(text) ? '\\' : '';
     text = text.slice(0, text.length - backslash.length);
-    if (/\\(?![/nrt])/.test(text)) throw badBase64('the base64 value holds a JSON escape other than \\/, \\n, \\r, \\t');
+    if (/\\(?![/nrt])/.test(text))
+      throw badBase64('the base64 value holds a JSON escape other than \\/, \\n, \\r, \\t');
     text = pending + text.replace(/\\\//g, '/').replace(/\\[nrt]/g, '').replace(/[^A-Za-z0-9+/=]/g, '');
     const padding = text.indexOf('=');
     ended = padding >= 0;
@@ -2371,7 +2433,8 @@ function decodeSpan(spool, [begin, end], out) {
     collectNow(at - begin, raw.length);
   }
   if (backslash) throw badBase64('the base64 value ends inside an escape');
-  if (pending.length % 4 === 1 || (!ended && pending)) throw badBase64('not valid base64: incorrect padding (the value may be cut short)');
+  if (pending.length % 4 === 1 || (!ended && pending))
+    throw badBase64('not valid base64: incorrect padding (the value may be cut short)');
   if (!written) throw badBase64('the base64 value is empty');
   return [written, digest.digest('hex')];
 }
@@ -2384,9 +2447,12 @@ function badBase64(reason) {
  * urllib does (at most 10). */
 async function downloadImage(url, timeoutS) {
   for (let hops = 0; ; hops += 1) {
-    if (!/^https?:\/\//i.test(url)) throw new ServiceError(`the answer's image URL is not http(s): ${url.slice(0, 200)}`);
-    const response = await sendRequest({ method: 'GET', url, headers: { 'User-Agent': userAgent() }, body: Buffer.alloc(0) },
-      { timeoutS });
+    if (!/^https?:\/\//i.test(url))
+      throw new ServiceError(`the answer's image URL is not http(s): ${url.slice(0, 200)}`);
+    const response = await sendRequest(
+      { method: 'GET', url, headers: { 'User-Agent': userAgent() }, body: Buffer.alloc(0) },
+      { timeoutS }
+    );
     if (REDIRECTS.has(response.status) && response.headers.location && hops < MAX_REDIRECTS) {
       url = new URL(response.headers.location, url).href;
       continue;
@@ -2590,9 +2656,11 @@ function saveImage(fill, target, overwrite) {
     return { ...image, path: saved, fallback_reason: reason };
   } catch (err) {
     if (err instanceof ToolError) throw err;
-    throw new ServiceError(`the image was received but could not be saved: ${reason}; the fallback ${folder} failed too `
-      + `(${reasonText(err)})`, { kind: 'save_failed',
-      hint: 'free disk space or choose another -f, then run the same command again' });
+    throw new ServiceError(
+      `the image was received but could not be saved: ${reason}; the fallback ${folder} failed too ` +
+        `(${reasonText(err)})`,
+      { kind: 'save_failed', hint: 'free disk space or choose another -f, then run the same command again' }
+    );
   }
 }
 
@@ -2605,8 +2673,11 @@ function firstRevisedPrompt(meta) {
 function requestedAndReal(job, image) {
   const { info } = image;
   const pairs = {
-    size: [(job.fields.size || 'auto') !== 'auto' ? job.fields.size : null, info.width ? `${info.width}x${info.height}` : null],
-    format: [job.output.format, info.format],
+    size: [
+      (job.fields.size || 'auto') !== 'auto' ? job.fields.size : null,
+      info.width ? `${info.width}x${info.height}` : null
+    ],
+    format: [job.output.format, info.format]
   };
   if (job.output.format === 'gif') {
     pairs.frames = [job.fields.frame_count ?? GIF_DEFAULT_FRAMES, info.format === 'gif' ? info.frames : null];
@@ -2679,8 +2750,11 @@ function mismatches(job, image, names = ['size', 'format', 'frames']) {
 }
 
 function keptBytesError(image) {
-  return new ServiceError(`an image in the answer is not a PNG, JPEG, WebP, GIF or SVG: its ${grouped(image.size_bytes)} `
-    + `bytes are kept in ${image.path}`, { hint: PAID_ANSWER_HINT });
+  return new ServiceError(
+    `an image in the answer is not a PNG, JPEG, WebP, GIF or SVG: its ${grouped(image.size_bytes)} ` +
+      `bytes are kept in ${image.path}`,
+    { hint: PAID_ANSWER_HINT }
+  );
 }
 
 function strictSizeError(job, saved) {
@@ -2728,8 +2802,10 @@ function openStateFolder(env) {
 }
 
 function stateFolderError(folder, err) {
-  return new UsageError(`the state folder ${folder} cannot be used: ${reasonText(err)}` + (err.path ? ` (${err.path})` : ''),
-    { hint: `set ${ENV_STATE_DIR} to a writable folder of your own` });
+  return new UsageError(
+    `the state folder ${folder} cannot be used: ${reasonText(err)}` + (err.path ? ` (${err.path})` : ''),
+    { hint: `set ${ENV_STATE_DIR} to a writable folder of your own` }
+  );
 }
 
 /** Where one job lives in the state folder: ID.json, ID.events.jsonl, ID.log, ID.reported, ID.cancel, ID.spool. */
@@ -2763,9 +2839,14 @@ function fileDigest(file) {
 function requestFingerprint(job, baseUrl) {
   const { output } = job;
   const target = output.auto_named ? `auto:${path.resolve(path.dirname(output.path))}` : path.resolve(output.path);
-  const asked = { url: baseUrl + jobEndpoint(job), fields: job.fields, inputs: job.images.map((f) => fileDigest(f.path)),
-    mask: job.mask ? fileDigest(job.mask.path) : null, target,
-    output: [output.format, output.overwrite, output.metadata, output.keep_partials, output.strict, output.gallery] };
+  const asked = {
+    url: baseUrl + jobEndpoint(job),
+    fields: job.fields,
+    inputs: job.images.map((f) => fileDigest(f.path)),
+    mask: job.mask ? fileDigest(job.mask.path) : null,
+    target,
+    output: [output.format, output.overwrite, output.metadata, output.keep_partials, output.strict, output.gallery]
+  };
   return sha256(Buffer.from(pyJson(asked, { ascii: false, sortKeys: true }), 'utf8'));
 }
 
@@ -3095,15 +3176,21 @@ async function saveAll(job, sources, spool, config) {
     }
     const intended = pathForFormat(target, image.info.format);
     if (image.info.format !== job.output.format) {
-      warnings.push(`expected ${job.output.format} but the image is ${image.info.format}: saved as ${path.basename(intended)}`);
+      warnings.push(
+        `expected ${job.output.format} but the image is ${image.info.format}: saved as ${path.basename(intended)}`
+      );
     }
     if (image.path !== intended && !image.fallback_reason) {
-      warnings.push(`${path.basename(intended)} exists: saved as ${path.basename(image.path)} (--overwrite replaces it)`);
+      warnings.push(
+        `${path.basename(intended)} exists: saved as ${path.basename(image.path)} (--overwrite replaces it)`
+      );
     }
     saved.push(image);
   }
   if (!problem && saved.length < jobN(job)) {
-    problem = new ServiceError(`asked for ${jobN(job)} images but the answer held ${saved.length}`, { hint: PAID_ANSWER_HINT });
+    problem = new ServiceError(`asked for ${jobN(job)} images but the answer held ${saved.length}`, {
+      hint: PAID_ANSWER_HINT
+    });
   }
   return [saved, warnings, problem];
 }
@@ -3171,7 +3258,9 @@ async function runWorker(files, key, { detached }) {
       worker.fail(err);
     } else {
       fs.appendFileSync(files.log, redact(String(err && err.stack ? err.stack : err), key) + '\n');
-      worker.fail(new ToolError(`a bug in the worker: ${err && err.name}: ${err && err.message} (stack in ${files.log})`));
+      worker.fail(
+        new ToolError(`a bug in the worker: ${err && err.name}: ${err && err.message} (stack in ${files.log})`)
+      );
     }
   } finally {
     for (const temporary of CURRENT.temporaries) removeQuietly(temporary);
@@ -3259,7 +3348,9 @@ function removeStaleTemporaries(files, record) {
 
 function needsRecovery(files, record) {
   const unsaved = !FINISHED_STATES.has(record.state) || record.note === 'received, not saved';
-  return Boolean(unsaved && record.received && record.kind === 'single' && !record.result && fs.existsSync(files.spool));
+  return Boolean(
+    unsaved && record.received && record.kind === 'single' && !record.result && fs.existsSync(files.spool)
+  );
 }
 
 /** Received but not saved (the worker died, or the disk failed): saved now, with no new request. */
@@ -3359,12 +3450,37 @@ function lockIsStale(lock) {
 
 function newRecord(kind, { fingerprint, spec, config, prompt, targets }) {
   const at = now();
-  return { id: newJobId(), kind, tool: `${TOOL_NAME} ${VERSION}`, fingerprint, state: 'starting', created_at: at,
-    updated_at: at, pid: null, detached: true, sent: false, received: false, cwd: process.cwd(),
-    prompt: [...prompt].slice(0, PROMPT_EXCERPT_CHARS).join(''), targets, manifest: '', spec,
-    config: { base_url: config.base_url, timeout_s: config.timeout_s, retries: config.retries,
-      price_multiplier: config.price_multiplier },
-    response: null, result: null, error: null, exit_code: null, note: null, peak_rss_kib: null, liveness: PID_LIVENESS };
+  return {
+    id: newJobId(),
+    kind,
+    tool: `${TOOL_NAME} ${VERSION}`,
+    fingerprint,
+    state: 'starting',
+    created_at: at,
+    updated_at: at,
+    pid: null,
+    detached: true,
+    sent: false,
+    received: false,
+    cwd: process.cwd(),
+    prompt: [...prompt].slice(0, PROMPT_EXCERPT_CHARS).join(''),
+    targets,
+    manifest: '',
+    spec,
+    config: {
+      base_url: config.base_url,
+      timeout_s: config.timeout_s,
+      retries: config.retries,
+      price_multiplier: config.price_multiplier
+    },
+    response: null,
+    result: null,
+    error: null,
+    exit_code: null,
+    note: null,
+    peak_rss_kib: null,
+    liveness: PID_LIVENESS
+  };
 }
 
 function attachedLine(record) {
@@ -3429,7 +3545,9 @@ function errorDocument(err) {
 
 /** A failure recorded by a worker, with the exit code it had there. */
 function errorFromDocument(document) {
-  const details = Object.fromEntries(['categories', 'source'].filter((k) => k in document).map((k) => [k, document[k]]));
+  const details = Object.fromEntries(
+    ['categories', 'source'].filter((k) => k in document).map((k) => [k, document[k]])
+  );
   const err = new ToolError(String(document.message || 'the job failed'), { hint: document.hint || '',
     status: document.status ?? null, code: document.code ?? null, kind: document.kind || 'error',
     problems: document.problems || [], body: document.body || '', details });
@@ -3515,12 +3633,17 @@ function startTicker(console, startedAt) {
 function startLine(job) {
   const n = jobN(job);
   const count = `${n} image${n > 1 ? 's' : ''}`;
-  const action = { 0: 'Generating', 1: 'Editing 1 image into' }[job.images.length] || `Fusing ${job.images.length} images into`;
+  const action =
+    { 0: 'Generating', 1: 'Editing 1 image into' }[job.images.length] || `Fusing ${job.images.length} images into`;
   const settings = [['size', ''], ['quality', 'quality '], ['output_format', '']].filter(([k]) => k in job.fields)
     .map(([k, label]) => `${label}${job.fields[k]}`).join(', ');
   const [low, high] = profileFor(job.fields.model).seconds;
   const slowest = job.fields.model === DEFAULT_MODEL ? ', up to 5 min at high quality or 4K' : '';
-  return `${action} ${count} with ${job.fields.model}` + (settings ? ` (${settings})` : '') + `: usually ${low}-${high} s${slowest}`;
+  return (
+    `${action} ${count} with ${job.fields.model}` +
+    (settings ? ` (${settings})` : '') +
+    `: usually ${low}-${high} s${slowest}`
+  );
 }
 
 // Signals that reach the command while it waits: the wait loop takes them in turn.
@@ -3577,7 +3700,8 @@ async function interruptJob(start, signalName) {
   const code = SIGNAL_EXITS[signalName];
   let record = readRecord(start.files.record) || start.record;
   if (!start.record.detached) return interruptedInProcess(start.files, record, code);
-  if (!record.sent && !FINISHED_STATES.has(record.state)) record = await cancelWorker(start.files, record, 'unless-sent');
+  if (!record.sent && !FINISHED_STATES.has(record.state))
+    record = await cancelWorker(start.files, record, 'unless-sent');
   if (!record.sent && !['done', 'failed'].includes(record.state)) {
     const settled = record.state === 'cancelled' ? 'was cancelled' : 'is being cancelled';
     return new InterruptedRun(`interrupted before the request was completely sent: job ${start.files.jobId} ${settled} `
@@ -3588,11 +3712,19 @@ async function interruptJob(start, signalName) {
 
 // What an interrupt leaves when the job ran inside the command: it ends with the command.
 const IN_PROCESS_ENDINGS = {
-  unsent: ['interrupted before the request was completely sent: nothing was billed', 'run the same command again to send it'],
-  sent: ['interrupted after the request was sent: it may be billed, and with no worker process its answer is lost with '
-    + 'this command', 'check your APIYI usage before sending it again'],
-  received: ["interrupted while saving: the answer is kept in the job's spool",
-    'run the same command again to save it; nothing new is sent'],
+  unsent: [
+    'interrupted before the request was completely sent: nothing was billed',
+    'run the same command again to send it'
+  ],
+  sent: [
+    'interrupted after the request was sent: it may be billed, and with no worker process its answer is lost with ' +
+      'this command',
+    'check your APIYI usage before sending it again'
+  ],
+  received: [
+    "interrupted while saving: the answer is kept in the job's spool",
+    'run the same command again to save it; nothing new is sent'
+  ]
 };
 
 function interruptedInProcess(files, record, code) {
@@ -3660,9 +3792,14 @@ function reportResult(result, console) {
     console.result(saved.path);
   }
   const revised = firstRevisedPrompt(result.meta);
-  const done = `done in ${fixed(result.elapsed_s, 0)} s` + (result.request_id ? ` (request id ${result.request_id})` : '');
+  const done =
+    `done in ${fixed(result.elapsed_s, 0)} s` + (result.request_id ? ` (request id ${result.request_id})` : '');
   const spent = [usageText(result.meta.usage), costText(result.cost)].filter(Boolean).join('; ');
-  for (const line of [spent, revised ? `revised prompt: ${revised}` : '', result.error && !result.files.length ? '' : done]) {
+  for (const line of [
+    spent,
+    revised ? `revised prompt: ${revised}` : '',
+    result.error && !result.files.length ? '' : done
+  ]) {
     if (line) console.progress(line);
   }
   if (console.jsonMode) console.document(resultDocument(result));
@@ -3716,8 +3853,15 @@ function runDry(job, config, console, estimate) {
       warnings: [...job.warnings, ...taken], estimate });
     return EXIT_OK;
   }
-  const lines = [`${described.method} ${described.url}`, ...Object.entries(described.headers).map(([k, v]) => `${k}: ${v}`),
-    '', ...bodyLines(described), '', ...outputs.map((p) => `output: ${p}`), estimateText(estimate)];
+  const lines = [
+    `${described.method} ${described.url}`,
+    ...Object.entries(described.headers).map(([k, v]) => `${k}: ${v}`),
+    '',
+    ...bodyLines(described),
+    '',
+    ...outputs.map((p) => `output: ${p}`),
+    estimateText(estimate)
+  ];
   console.result(lines.join('\n'));
   return EXIT_OK;
 }
@@ -3726,7 +3870,9 @@ function clock(seconds) {
   const total = pyRound(seconds);
   const minutes = Math.floor(total / 60);
   const secs = String(total % 60).padStart(2, '0');
-  return minutes >= 60 ? `${Math.floor(minutes / 60)}:${String(minutes % 60).padStart(2, '0')}:${secs}` : `${minutes}:${secs}`;
+  return minutes >= 60
+    ? `${Math.floor(minutes / 60)}:${String(minutes % 60).padStart(2, '0')}:${secs}`
+    : `${minutes}:${secs}`;
 }
 
 /** The profile table, as text or JSON: what each model takes, makes, bills and usually takes. */
@@ -3738,8 +3884,10 @@ function runListModels(console) {
     return EXIT_OK;
   }
   for (const p of profiles) {
-    console.result(`${p.name.padEnd(24)} ${p.line.padEnd(8)} ${p.billing.padEnd(17)} ${p.seconds[0]}-${p.seconds[1]} s  `
-      + `n<=${p.max_n}  formats ${p.formats.join(',')}  quality ${p.qualities.join(',') || '-'}`);
+    console.result(
+      `${p.name.padEnd(24)} ${p.line.padEnd(8)} ${p.billing.padEnd(17)} ${p.seconds[0]}-${p.seconds[1]} s  ` +
+        `n<=${p.max_n}  formats ${p.formats.join(',')}  quality ${p.qualities.join(',') || '-'}`
+    );
     console.result(`${''.padEnd(24)} ${p.note}; takes ${p.accepts.map((a) => SETTING_FLAGS[a]).join(', ')}`
       + (p.ignores.length ? `; ignores ${p.ignores.map((i) => SETTING_FLAGS[i]).join(', ')}` : ''));
   }
@@ -3755,10 +3903,18 @@ function jobState(record) {
 function jobSummary(files, record) {
   const result = record.result || {};
   const outputs = (result.files || []).map((f) => f.path);
-  return { id: record.id, kind: record.kind ?? null, state: jobState(record),
-    age_s: roundTo(now() - (record.created_at || now()), 1), prompt: record.prompt ?? null,
-    outputs: outputs.length ? outputs : record.targets || [], sent: Boolean(record.sent),
-    reported: fs.existsSync(files.reported), exit_code: record.exit_code ?? null, peak_rss_kib: record.peak_rss_kib ?? null };
+  return {
+    id: record.id,
+    kind: record.kind ?? null,
+    state: jobState(record),
+    age_s: roundTo(now() - (record.created_at || now()), 1),
+    prompt: record.prompt ?? null,
+    outputs: outputs.length ? outputs : record.targets || [],
+    sent: Boolean(record.sent),
+    reported: fs.existsSync(files.reported),
+    exit_code: record.exit_code ?? null,
+    peak_rss_kib: record.peak_rss_kib ?? null
+  };
 }
 
 function runListJobs(console, env) {
@@ -3769,7 +3925,9 @@ function runListJobs(console, env) {
     return EXIT_OK;
   }
   for (const job of summaries) {
-    console.result(`${job.id}  ${job.state}  ${clock(job.age_s)} ago  ${pyRepr(String(job.prompt))}  ${job.outputs.join(', ')}`);
+    console.result(
+      `${job.id}  ${job.state}  ${clock(job.age_s)} ago  ${pyRepr(String(job.prompt))}  ${job.outputs.join(', ')}`
+    );
   }
   if (!summaries.length) console.progress(`no jobs in ${folder}`);
   return EXIT_OK;
@@ -3802,7 +3960,11 @@ async function runCancel(jobId, console, env) {
     state = String(record.state);
   } else {
     const after = await cancelWorker(files, record);
-    state = FINISHED_STATES.has(after.state) ? String(after.state) : after.detached || !after.sent ? 'stopping' : 'running';
+    state = FINISHED_STATES.has(after.state)
+      ? String(after.state)
+      : after.detached || !after.sent
+        ? 'stopping'
+        : 'running';
     const billed = record.sent ? '; the request was already sent and may still be billed' : '';
     console.progress(`job ${files.jobId}: ${state}${billed}`);
   }
@@ -3832,14 +3994,16 @@ function checkModeFlags(args) {
   if (action) {
     const clash = [['-p', args.prompt], ['--detach', args.detach], ['--dry-run', args.dry_run]].find(([, v]) => v)
       || JOB_ACTIONS.find(([flag, dest]) => args[dest] && flag !== action[0]);
-    if (clash) throw new UsageError(`${action[0]} cannot be combined with ${clash[0]}`, { hint: `run ${action[0]} on its own` });
+    if (clash)
+      throw new UsageError(`${action[0]} cannot be combined with ${clash[0]}`, { hint: `run ${action[0]} on its own` });
     return;
   }
   if (args.detach && (args.dry_run || args.max_wait !== null)) {
     const flag = args.dry_run ? '--dry-run' : '--max-wait';
     throw new UsageError(`--detach cannot be combined with ${flag}`, { hint: '--detach returns at once; drop one' });
   }
-  if (args.prompt === null) throw new UsageError('no prompt: give -p TEXT, or --batch FILE for many images', { hint: `see ${PROG} --help` });
+  if (args.prompt === null)
+    throw new UsageError('no prompt: give -p TEXT, or --batch FILE for many images', { hint: `see ${PROG} --help` });
 }
 
 /** The connection settings; from here on the key is masked in everything printed. */
@@ -3874,12 +4038,17 @@ function earlierOutputTokens(env, shape) {
 function checkBudget(estimate, maxCost, what) {
   if (maxCost === null) return;
   if (estimate.high === null) {
-    throw new UsageError(`--max-cost $${gFormat(maxCost)}: the cost of ${what} cannot be estimated (${estimate.source})`,
-      { hint: 'drop --max-cost, or choose a model and quality with published prices', field: 'max_cost' });
+    throw new UsageError(
+      `--max-cost $${gFormat(maxCost)}: the cost of ${what} cannot be estimated (${estimate.source})`,
+      { hint: 'drop --max-cost, or choose a model and quality with published prices', field: 'max_cost' }
+    );
   }
   if (estimate.high > maxCost) {
-    throw new UsageError(`--max-cost $${gFormat(maxCost)}: ${what} may cost up to $${fixed(estimate.high, 4)} `
-      + `(${estimateText(estimate)})`, { hint: 'raise --max-cost, or ask for less (size, quality, -n)', field: 'max_cost' });
+    throw new UsageError(
+      `--max-cost $${gFormat(maxCost)}: ${what} may cost up to $${fixed(estimate.high, 4)} ` +
+        `(${estimateText(estimate)})`,
+      { hint: 'raise --max-cost, or ask for less (size, quality, -n)', field: 'max_cost' }
+    );
   }
 }
 
@@ -3915,61 +4084,243 @@ async function runCommand(args, console, env) {
 // --- CLI ---
 
 const HELP_GROUPS = [
-  ['what to make', [
-    ['-p', '--prompt', 'prompt', 'once', null, 'TEXT', 'the prompt, sent exactly as given; - reads it from stdin (UTF-8)'],
-    ['-s', '--size', 'size', 'value', null, 'SIZE', `auto, match, a preset (${SIZE_PRESETS.join(', ')}), any WxH or a ratio W:H with -r`],
-    ['-r', '--resolution', 'resolution', 'value', CONVERTERS.resolution, '{1K,2K,4K}', 'long edge for a W:H size (default 1K)'],
-    ['-q', '--quality', 'quality', 'value', CONVERTERS.quality, `{${QUALITIES.join(',')}}`, 'low, medium, high or auto'],
-    [null, '--complexity', 'complexity', 'value', CONVERTERS.complexity, `{${COMPLEXITIES.join(',')}}`, 'gpt-image-2.6 detail'],
-    ['-n', '--n', 'n', 'value', CONVERTERS.n, 'N', 'images in one request, 1-10; files are then NAME-1, NAME-2, ...'],
-    [null, '--background', 'background', 'value', CONVERTERS.background, `{${BACKGROUNDS.join(',')}}`, 'transparent needs png or webp'],
-    [null, '--moderation', 'moderation', 'value', CONVERTERS.moderation, `{${MODERATIONS.join(',')}}`, 'text-to-image only'],
-    [null, '--model', 'model', 'value', CONVERTERS.model, 'NAME', `model or channel (default: $${ENV_MODEL}, else ${DEFAULT_MODEL})`],
-    [null, '--list-models', 'list_models', 'flag', null, null, 'the models and channels the tool knows'],
-  ]],
-  ['input images (edit and fusion)', [
-    ['-i', '--input-image', 'input_image', 'extend', null, 'PATH [PATH ...]', '1-16 PNG/JPEG/WebP images under 50 MiB, in order'],
-    ['-m', '--mask', 'mask', 'value', null, 'PATH', 'PNG with alpha, same size as the first input image, under 4 MiB'],
-  ]],
-  ['output', [
-    ['-f', '--filename', 'filename', 'once', null, 'PATH', 'where to save (default: TIMESTAMP-SLUG-RANDOM.png here)'],
-    ['-o', '--output-format', 'output_format', 'value', CONVERTERS.output_format, '{png,jpeg,jpg,webp,gif,svg}',
-      'default: from the -f extension, else png'],
-    [null, '--frames', 'frames', 'value', CONVERTERS.frame_count, 'N', 'GIF: frames, 2-16'],
-    [null, '--frame-ms', 'frame_ms', 'value', CONVERTERS.frame_duration_ms, 'MS', 'GIF: milliseconds per frame, 20-2000'],
-    [null, '--svg-model', 'svg_model', 'value', null, 'NAME', 'SVG on gpt-image-2.6: the model that writes it'],
-    [null, '--strict-size', 'strict_size', 'flag', null, null, `another size, format or frame count is exit ${EXIT_MISMATCH}`],
-    ['-c', '--output-compression', 'output_compression', 'value', CONVERTERS.output_compression, 'N', '0-100, jpeg and webp only'],
-    [null, '--overwrite', 'overwrite', 'flag', null, null, 'replace an existing file (default: NAME-2, NAME-3, ...)'],
-    [null, '--metadata', 'metadata', 'flag', null, null, 'also write IMAGE.json beside each image (never the key)'],
-    [null, '--json', 'json', 'flag', null, null, 'print one JSON object on stdout instead of paths'],
-    [null, '--quiet', 'quiet', 'flag', null, null, 'no progress on stderr (warnings and errors stay)'],
-    [null, '--max-cost', 'max_cost', 'value', positiveDollars, 'USD', 'refuse a run that may cost more'],
-  ]],
-  ['connection', [
-    ['-k', '--api-key', 'api_key', 'value', null, 'KEY', `API key (default: $${ENV_API_KEY})`],
-    [null, '--base-url', 'base_url', 'value', null, 'URL', `API base (default: $${ENV_BASE_URL}, else ${DEFAULT_BASE_URL})`],
-    [null, '--timeout', 'timeout', 'value', positiveSeconds, 'S', 'seconds for the whole answer once sent (default 600)'],
-    [null, '--retries', 'retries', 'value', intInRange(0, MAX_RETRIES), 'N', 'retries on connection failure, 408, 409, 429 and 5xx (default 2)'],
-    [null, '--allow-http-proxy', 'allow_http_proxy', 'flag', null, null, 'let a plain-http base URL go through the HTTP proxy set in the environment (it sees the key)'],
-    [null, '--dry-run', 'dry_run', 'flag', null, null, 'check everything and print the request (key redacted); sends nothing'],
-  ]],
-  ['jobs (each request runs in a worker that outlives this command; the same command again attaches to it)', [
-    [null, '--detach', 'detach', 'flag', null, null, "start the job, print 'job ID' and exit 0 at once"],
-    [null, '--attach', 'attach', 'value', null, 'JOB', 'wait for a job (an id, or last) and report it'],
-    [null, '--max-wait', 'max_wait', 'value', positiveSeconds, 'S', 'stop waiting after S seconds with exit 9; the job goes on'],
-    [null, '--list-jobs', 'list_jobs', 'flag', null, null, 'list recent jobs'],
-    [null, '--cancel', 'cancel', 'value', null, 'JOB', "stop a job's worker (a request already sent may still be billed)"],
-    [null, '--run-job', 'run_job', 'value', null, 'RECORD', null],
-  ]],
-  [`Python only (refused here: run ${PYTHON_TWIN})`, [
-    [null, '--batch', 'batch', 'value', null, 'FILE', null], [null, '--out-dir', 'out_dir', 'value', null, 'DIR', null],
-    [null, '--no-gallery', 'no_gallery', 'flag', null, null, null], ['-j', '--jobs', 'jobs', 'value', null, 'N', null],
-    [null, '--stream', 'stream', 'flag', null, null, null], [null, '--partial-images', 'partial_images', 'value', null, 'N', null],
-    [null, '--keep-partials', 'keep_partials', 'flag', null, null, null], [null, '--gallery', 'gallery', 'flag', null, null, null],
-    [null, '--open', 'open', 'flag', null, null, null], [null, '--events', 'events', 'flag', null, null, null],
-    [null, '--doctor', 'doctor', 'flag', null, null, null],
-  ]],
+  [
+    'what to make',
+    [
+      [
+        '-p',
+        '--prompt',
+        'prompt',
+        'once',
+        null,
+        'TEXT',
+        'the prompt, sent exactly as given; - reads it from stdin (UTF-8)'
+      ],
+      [
+        '-s',
+        '--size',
+        'size',
+        'value',
+        null,
+        'SIZE',
+        `auto, match, a preset (${SIZE_PRESETS.join(', ')}), any WxH or a ratio W:H with -r`
+      ],
+      [
+        '-r',
+        '--resolution',
+        'resolution',
+        'value',
+        CONVERTERS.resolution,
+        '{1K,2K,4K}',
+        'long edge for a W:H size (default 1K)'
+      ],
+      [
+        '-q',
+        '--quality',
+        'quality',
+        'value',
+        CONVERTERS.quality,
+        `{${QUALITIES.join(',')}}`,
+        'low, medium, high or auto'
+      ],
+      [
+        null,
+        '--complexity',
+        'complexity',
+        'value',
+        CONVERTERS.complexity,
+        `{${COMPLEXITIES.join(',')}}`,
+        'gpt-image-2.6 detail'
+      ],
+      ['-n', '--n', 'n', 'value', CONVERTERS.n, 'N', 'images in one request, 1-10; files are then NAME-1, NAME-2, ...'],
+      [
+        null,
+        '--background',
+        'background',
+        'value',
+        CONVERTERS.background,
+        `{${BACKGROUNDS.join(',')}}`,
+        'transparent needs png or webp'
+      ],
+      [
+        null,
+        '--moderation',
+        'moderation',
+        'value',
+        CONVERTERS.moderation,
+        `{${MODERATIONS.join(',')}}`,
+        'text-to-image only'
+      ],
+      [
+        null,
+        '--model',
+        'model',
+        'value',
+        CONVERTERS.model,
+        'NAME',
+        `model or channel (default: $${ENV_MODEL}, else ${DEFAULT_MODEL})`
+      ],
+      [null, '--list-models', 'list_models', 'flag', null, null, 'the models and channels the tool knows']
+    ]
+  ],
+  [
+    'input images (edit and fusion)',
+    [
+      [
+        '-i',
+        '--input-image',
+        'input_image',
+        'extend',
+        null,
+        'PATH [PATH ...]',
+        '1-16 PNG/JPEG/WebP images under 50 MiB, in order'
+      ],
+      ['-m', '--mask', 'mask', 'value', null, 'PATH', 'PNG with alpha, same size as the first input image, under 4 MiB']
+    ]
+  ],
+  [
+    'output',
+    [
+      ['-f', '--filename', 'filename', 'once', null, 'PATH', 'where to save (default: TIMESTAMP-SLUG-RANDOM.png here)'],
+      [
+        '-o',
+        '--output-format',
+        'output_format',
+        'value',
+        CONVERTERS.output_format,
+        '{png,jpeg,jpg,webp,gif,svg}',
+        'default: from the -f extension, else png'
+      ],
+      [null, '--frames', 'frames', 'value', CONVERTERS.frame_count, 'N', 'GIF: frames, 2-16'],
+      [
+        null,
+        '--frame-ms',
+        'frame_ms',
+        'value',
+        CONVERTERS.frame_duration_ms,
+        'MS',
+        'GIF: milliseconds per frame, 20-2000'
+      ],
+      [null, '--svg-model', 'svg_model', 'value', null, 'NAME', 'SVG on gpt-image-2.6: the model that writes it'],
+      [
+        null,
+        '--strict-size',
+        'strict_size',
+        'flag',
+        null,
+        null,
+        `another size, format or frame count is exit ${EXIT_MISMATCH}`
+      ],
+      [
+        '-c',
+        '--output-compression',
+        'output_compression',
+        'value',
+        CONVERTERS.output_compression,
+        'N',
+        '0-100, jpeg and webp only'
+      ],
+      [null, '--overwrite', 'overwrite', 'flag', null, null, 'replace an existing file (default: NAME-2, NAME-3, ...)'],
+      [null, '--metadata', 'metadata', 'flag', null, null, 'also write IMAGE.json beside each image (never the key)'],
+      [null, '--json', 'json', 'flag', null, null, 'print one JSON object on stdout instead of paths'],
+      [null, '--quiet', 'quiet', 'flag', null, null, 'no progress on stderr (warnings and errors stay)'],
+      [null, '--max-cost', 'max_cost', 'value', positiveDollars, 'USD', 'refuse a run that may cost more']
+    ]
+  ],
+  [
+    'connection',
+    [
+      ['-k', '--api-key', 'api_key', 'value', null, 'KEY', `API key (default: $${ENV_API_KEY})`],
+      [
+        null,
+        '--base-url',
+        'base_url',
+        'value',
+        null,
+        'URL',
+        `API base (default: $${ENV_BASE_URL}, else ${DEFAULT_BASE_URL})`
+      ],
+      [
+        null,
+        '--timeout',
+        'timeout',
+        'value',
+        positiveSeconds,
+        'S',
+        'seconds for the whole answer once sent (default 600)'
+      ],
+      [
+        null,
+        '--retries',
+        'retries',
+        'value',
+        intInRange(0, MAX_RETRIES),
+        'N',
+        'retries on connection failure, 408, 409, 429 and 5xx (default 2)'
+      ],
+      [
+        null,
+        '--allow-http-proxy',
+        'allow_http_proxy',
+        'flag',
+        null,
+        null,
+        'let a plain-http base URL go through the HTTP proxy set in the environment (it sees the key)'
+      ],
+      [
+        null,
+        '--dry-run',
+        'dry_run',
+        'flag',
+        null,
+        null,
+        'check everything and print the request (key redacted); sends nothing'
+      ]
+    ]
+  ],
+  [
+    'jobs (each request runs in a worker that outlives this command; the same command again attaches to it)',
+    [
+      [null, '--detach', 'detach', 'flag', null, null, "start the job, print 'job ID' and exit 0 at once"],
+      [null, '--attach', 'attach', 'value', null, 'JOB', 'wait for a job (an id, or last) and report it'],
+      [
+        null,
+        '--max-wait',
+        'max_wait',
+        'value',
+        positiveSeconds,
+        'S',
+        'stop waiting after S seconds with exit 9; the job goes on'
+      ],
+      [null, '--list-jobs', 'list_jobs', 'flag', null, null, 'list recent jobs'],
+      [
+        null,
+        '--cancel',
+        'cancel',
+        'value',
+        null,
+        'JOB',
+        "stop a job's worker (a request already sent may still be billed)"
+      ],
+      [null, '--run-job', 'run_job', 'value', null, 'RECORD', null]
+    ]
+  ],
+  [
+    `Python only (refused here: run ${PYTHON_TWIN})`,
+    [
+      [null, '--batch', 'batch', 'value', null, 'FILE', null],
+      [null, '--out-dir', 'out_dir', 'value', null, 'DIR', null],
+      [null, '--no-gallery', 'no_gallery', 'flag', null, null, null],
+      ['-j', '--jobs', 'jobs', 'value', null, 'N', null],
+      [null, '--stream', 'stream', 'flag', null, null, null],
+      [null, '--partial-images', 'partial_images', 'value', null, 'N', null],
+      [null, '--keep-partials', 'keep_partials', 'flag', null, null, null],
+      [null, '--gallery', 'gallery', 'flag', null, null, null],
+      [null, '--open', 'open', 'flag', null, null, null],
+      [null, '--events', 'events', 'flag', null, null, null],
+      [null, '--doctor', 'doctor', 'flag', null, null, null]
+    ]
+  ]
 ];
 const OPTIONS = HELP_GROUPS.flatMap(([, options]) => options.map(([short, long, dest, kind, convert, metavar, help]) =>
   ({ short, long, dest, kind, convert, metavar, help, display: short ? `${short}/${long}` : long })));
@@ -3999,7 +4350,11 @@ function helpText() {
       lines.push(`  ${flags.padEnd(30)} ${o[6]}`);
     }
   }
-  lines.push('', `  -h, --help${' '.repeat(22)}show this help and exit`, `  --version${' '.repeat(23)}show the version and exit`);
+  lines.push(
+    '',
+    `  -h, --help${' '.repeat(22)}show this help and exit`,
+    `  --version${' '.repeat(23)}show the version and exit`
+  );
   return `${lines.join('\n')}\n`;
 }
 
@@ -4055,7 +4410,8 @@ function parseArgs(argv) {
       continue;
     }
     if (option.kind === 'flag') {
-      if (attached !== null) throw parserError(`argument ${option.display}: ignored explicit argument ${pyRepr(attached)}`);
+      if (attached !== null)
+        throw parserError(`argument ${option.display}: ignored explicit argument ${pyRepr(attached)}`);
       args[option.dest] = true;
       continue;
     }
@@ -4068,7 +4424,9 @@ function parseArgs(argv) {
       if (option.kind !== 'extend') break;
     }
     if (!values.length) {
-      throw parserError(`argument ${option.display}: expected ${option.kind === 'extend' ? 'at least one argument' : 'one argument'}`);
+      throw parserError(
+        `argument ${option.display}: expected ${option.kind === 'extend' ? 'at least one argument' : 'one argument'}`
+      );
     }
     if (option.kind === 'once' && args[option.dest] !== null) {
       throw parserError(`argument ${option.display}: given twice; give it once`);
@@ -4087,7 +4445,9 @@ function parseArgs(argv) {
 async function runWorkerProcess(record, env) {
   for (const name of ['SIGINT', 'SIGHUP']) process.on(name, () => {});
   const folder = path.dirname(record);
-  return runWorker(jobFiles(folder, path.basename(record).replace(/\.json$/, '')), env[ENV_API_KEY] || '', { detached: true });
+  return runWorker(jobFiles(folder, path.basename(record).replace(/\.json$/, '')), env[ENV_API_KEY] || '', {
+    detached: true
+  });
 }
 
 /** Ctrl-C, SIGTERM and SIGHUP: while a job is waited for, the wait loop says what happens to it;
@@ -4157,5 +4517,18 @@ if (require.main === module) {
 }
 
 // For the tests of what differs by platform (tests/test_twin_platforms.py) and the table's comparison.
-module.exports = { MODEL_PROFILES, OPTIONS, PYTHON_ONLY, decodeSpan, readSpooledAnswer, main, nameSize, parseArgs, pidAlive, planOutputPath, pyJson, stateFolder,
-  workerSpawnOptions };
+module.exports = {
+  MODEL_PROFILES,
+  OPTIONS,
+  PYTHON_ONLY,
+  decodeSpan,
+  readSpooledAnswer,
+  main,
+  nameSize,
+  parseArgs,
+  pidAlive,
+  planOutputPath,
+  pyJson,
+  stateFolder,
+  workerSpawnOptions
+};
