@@ -2950,8 +2950,9 @@ def safety_refusal(message: str, server_text: str, *, status: Optional[int] = No
 
 
 def load_json_object(raw: Union[bytes, bytearray]) -> dict[str, Any]:
+    """A stray byte that is not UTF-8 (in a revised prompt, say) must not cost the images beside it."""
     try:
-        payload = parse_json(raw)
+        payload = parse_json(bytes(raw).decode("utf-8", "replace"))
     except ValueError:
         raise ServiceError(f"the answer is not JSON: {body_excerpt(raw)}", hint=PAID_ANSWER_HINT) from None
     if not isinstance(payload, dict):

@@ -559,12 +559,14 @@ def saved_answers(api: FakeImagesAPI, image: bytes) -> dict[str, list[Reply]]:
         "nan-in-usage": [Reply(body=json.dumps(images_answer([image])).replace('"total_tokens": 4210',
                                                                                 '"total_tokens": NaN').encode())],
         "url-over-64-kib": [Reply(body={"data": [{"url": url}]}), Reply(body=image)],
+        "not-utf-8-text": [Reply(body=json.dumps(images_answer([image], revised_prompt="cat")).encode().replace(
+            b'"revised_prompt": "cat"', b'"revised_prompt": "c\xffat"'))],
         "url-redirected": [Reply(body={"data": [{"url": url}]}), Reply(status=302, headers={"Location": url + "?2"}),
                            Reply(body=image)],
     }
 
 
-@pytest.mark.parametrize("name", ["nan-in-usage", "url-over-64-kib", "url-redirected"])
+@pytest.mark.parametrize("name", ["nan-in-usage", "url-over-64-kib", "url-redirected", "not-utf-8-text"])
 def test_a_paid_image_is_saved_whole_by_both(twin: str, api: FakeImagesAPI, online_env: dict[str, str],
                                              isolated: Path, name: str) -> None:
     image = make_image("png", 300, 300) + b"\0" * 70_000     # more than an error body is kept
