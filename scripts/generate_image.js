@@ -27,6 +27,7 @@ const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const tls = require('node:tls');
+const util = require('node:util');
 
 // --- Constants ---
 
@@ -286,7 +287,6 @@ class ToolError extends Error {
   constructor(message, { hint = '', status = null, code = null, kind = '', problems = [], field = '', body = '',
     details = {}, exitCode = null } = {}) {
     super(message);
-    this.message = message;
     this.hint = hint;
     this.status = status;
     this.code = code;
@@ -825,32 +825,26 @@ function readStdin(limit) {
   return Buffer.concat(pieces);
 }
 
-/** Where bytes stop being UTF-8, as Python's decoder reports it (-1: all valid). */
+// UTF-8 by its lead byte (RFC 3629): first and last lead, sequence length, the range of the second byte
+// (the rest are 80-BF); E0, ED, F0 and F4 narrow it to rule out overlong forms, surrogates and > 10FFFF.
+const UTF8_LEADS = [[0x00, 0x7f, 1], [0xc2, 0xdf, 2, 0x80, 0xbf], [0xe0, 0xe0, 3, 0xa0, 0xbf],
+  [0xe1, 0xec, 3, 0x80, 0xbf], [0xed, 0xed, 3, 0x80, 0x9f], [0xee, 0xef, 3, 0x80, 0xbf], [0xf0, 0xf0, 4, 0x90, 0xbf],
+  [0xf1, 0xf3, 4, 0x80, 0xbf], [0xf4, 0xf4, 4, 0x80, 0x8f]];
+
+/** Where bytes stop being UTF-8, as Python's decoder reports it: the start of the first bad sequence
+ * (-1: all valid). */
 function firstInvalidUtf8(bytes) {
-  try {
-    new TextDecoder('utf-8', { fatal: true }).decode(bytes);
-    return -1;
-  } catch {
-    let low = 0;
-    let high = bytes.length;
-    while (low < high) {            // the longest valid prefix, cut between characters
-      const mid = Math.ceil((low + high) / 2);
-      try {
-        new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(0, mid));
-        low = mid;
-      } catch {
-        const tail = bytes.subarray(0, mid);
-        const cut = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
-        try {
-          cut.decode(tail, { stream: true });
-          low = mid;
-        } catch {
-          high = mid - 1;
-        }
-      }
+  for (let at = 0; at < bytes.length;) {
+    const lead = UTF8_LEADS.find(([first, last]) => first <= bytes[at] && bytes[at] <= last);
+    if (!lead) return at;
+    const [, , size, low, high] = lead;
+    for (let k = 1; k < size; k += 1) {
+      const byte = bytes[at + k];
+      if (byte === undefined || byte < (k === 1 ? low : 0x80) || byte > (k === 1 ? high : 0xbf)) return at;
     }
-    return low;
+    at += size;
   }
+  return -1;
 }
 
 /** Format, width and height (and a GIF's frames) from a file's first bytes: null when not an image. */
@@ -1625,7 +1619,8 @@ function userAgent() {
   return `${TOOL_NAME}/${VERSION} (node ${major}.${minor})`;
 }
 
-/** Form fields are text; booleans as the SDK writes them (stream=true). */
+/** Form fields are text; booleans as the SDK writes them (stream=true). The one nested field, svg, never
+ * goes as a form: an SVG is generated, never edited. */
 function formValue(value) {
   return typeof value === 'boolean' ? (value ? 'true' : 'false') : String(value);
 }
@@ -1658,9 +1653,8 @@ function uploadParts(job) {
 function encodeMultipart(fields, files, boundary = randomHex(16)) {
   const segments = [];
   for (const [name, value] of Object.entries(fields)) {
-    const text = typeof value === 'object' && value !== null ? pyDictText(value) : formValue(value);
     segments.push(Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="${quoteFormParam(name)}"\r\n\r\n`
-      + `${text}\r\n`, 'utf8'));
+      + `${formValue(value)}\r\n`, 'utf8'));
   }
   for (const [name, upload] of files) {
     segments.push(
@@ -1677,12 +1671,6 @@ function encodeMultipart(fields, files, boundary = randomHex(16)) {
   segments.push(Buffer.from(`--${boundary}--\r\n`, 'ascii'));
   const length = segments.reduce((sum, s) => sum + (Buffer.isBuffer(s) ? s.length : s.size_bytes), 0);
   return { boundary, segments, length, contentType: `multipart/form-data; boundary=${boundary}` };
-}
-
-/** str() of a dict, as the Python twin's form_value writes a nested field. */
-function pyDictText(value) {
-  return `{${Object.entries(value).map(([k, v]) => `${pyRepr(k)}: ${typeof v === 'string' ? pyRepr(v) : String(v)}`)
-    .join(', ')}}`;
 }
 
 function buildRequest(job, config) {
@@ -1705,8 +1693,7 @@ function describeRequest(request, job, config) {
   headers.Authorization = config.api_key ? `Bearer ${KEY_MASK}` : `Bearer <no key: set ${ENV_API_KEY}>`;
   const described = { method: request.method, url: request.url, headers };
   if (!Buffer.isBuffer(request.body)) {
-    described.fields = Object.fromEntries(Object.entries(job.fields).map(([k, v]) => [k,
-      typeof v === 'object' && v !== null ? pyDictText(v) : formValue(v)]));
+    described.fields = Object.fromEntries(Object.entries(job.fields).map(([k, v]) => [k, formValue(v)]));
     described.files = uploadParts(job).map(([name, f]) => ({ name, filename: path.basename(f.path),
       content_type: CONTENT_TYPES[f.info.format], bytes: f.size_bytes, width: f.info.width, height: f.info.height }));
   } else {
@@ -1732,7 +1719,7 @@ function reasonText(err) {
     EAI_AGAIN: 'Temporary failure in name resolution' };
   if (err && known[err.code]) return known[err.code];
   if (err && typeof err.errno === 'number' && err.syscall) {
-    const entry = require('node:util').getSystemErrorMap().get(err.errno);
+    const entry = util.getSystemErrorMap().get(err.errno);
     if (entry) return entry[1][0].toUpperCase() + entry[1].slice(1);
   }
   return String((err && err.message) || err || 'unknown error');

@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
 import subprocess
 import ssl
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +18,8 @@ from conftest import TEST_KEY, CliRunner
 from fake_api import FakeImagesAPI, Reply, images_answer, make_png, sse_images, stream_reply
 from peak import measured_run
 from test_subprocess import find_python
+from twins import twin_command
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_image.py"
 
 
 def folder_turned_into_a_file(folder: Path):
@@ -214,7 +214,7 @@ def test_an_older_python_is_told_to_upgrade(version: str) -> None:
     python = find_python(version)
     if not python:
         pytest.skip(f"CPython {version} is not installed here")
-    done = subprocess.run([python, "-I", "-S", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*twin_command("python", python), "--help"], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.startswith(f"generate_image.py: error: needs Python 3.9 or newer (this is Python {version})")
 
@@ -289,24 +289,13 @@ def test_a_batch_item_cannot_write_outside_its_folder(online: CliRunner, api: Fa
     assert "item 1, filename: " in run.err and "leaves the batch folder" in run.err
 
 
-ENV_KEYS = ("PATH", "SYSTEMROOT", "NO_PROXY", "no_proxy")
-
-
-@pytest.fixture
-def script_env(api: FakeImagesAPI, tmp_path: Path) -> dict:
-    from conftest import TEST_KEY
-
-    kept = {k: v for k, v in os.environ.items() if k in ENV_KEYS}
-    return {**kept, "APIYI_API_KEY": TEST_KEY, "APIYI_BASE_URL": api.url, "APIYI_STATE_DIR": str(tmp_path / "state")}
-
-
 @pytest.mark.skipif(os.name == "nt", reason="POSIX shell redirections")
 @pytest.mark.parametrize("shell", ["{ CMD; echo rc=$? >rc.txt; } | head -c1 >/dev/null", "CMD >&-; echo rc=$? >rc.txt",
                                    "CMD 2>&-; echo rc=$? >rc.txt", "CMD >/dev/full; echo rc=$? >rc.txt",
                                    "CMD >&- 2>&-; echo rc=$? >rc.txt"])
-def test_output_streams_that_fail_do_not_lose_the_image_or_crash(script_env: dict, isolated: Path, shell: str) -> None:
-    command = f'"{sys.executable}" -I -S "{SCRIPT}" -p cat -f cat.png'
-    done = subprocess.run(["sh", "-c", shell.replace("CMD", command)], env=script_env, cwd=isolated,
+def test_output_streams_that_fail_do_not_lose_the_image_or_crash(agent_env: dict, isolated: Path, shell: str) -> None:
+    command = shlex.join([*twin_command("python"), "-p", "cat", "-f", "cat.png"])
+    done = subprocess.run(["sh", "-c", shell.replace("CMD", command)], env=agent_env, cwd=isolated,
                           capture_output=True, timeout=60)
     assert (isolated / "rc.txt").read_text().strip() == "rc=0", done.stderr.decode()
     assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr
@@ -320,21 +309,21 @@ def test_output_streams_that_fail_do_not_lose_the_image_or_crash(script_env: dic
     pytest.param(["-p", "cat", "-s", "1" * 5000 + "x1024"], b"", "is not a size", id="a-5000-digit-size"),
     pytest.param(["-p", "cat", "--timeout", "1e20"], b"", "must be above 0 and at most 86400", id="timeout-1e20"),
 ])
-def test_hostile_inputs_are_exit_2_with_nothing_sent(script_env: dict, api: FakeImagesAPI, isolated: Path,
+def test_hostile_inputs_are_exit_2_with_nothing_sent(agent_env: dict, api: FakeImagesAPI, isolated: Path,
                                                      args: list, stdin: bytes, message: str) -> None:
     argv = [a if isinstance(a, bytes) else a.encode() for a in args]
-    done = subprocess.run([sys.executable.encode(), b"-I", b"-S", str(SCRIPT).encode(), *argv], input=stdin,
-                          capture_output=True, env=script_env, cwd=isolated, timeout=60)
+    done = subprocess.run([*map(os.fsencode, twin_command("python")), *argv], input=stdin,
+                          capture_output=True, env=agent_env, cwd=isolated, timeout=60)
     assert done.returncode == gi.EXIT_USAGE, done.stderr.decode(errors="replace")
     assert message in done.stderr.decode(errors="replace") and b"Traceback" not in done.stderr
     assert api.requests == []
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
-def test_a_prompt_from_an_endless_stdin_is_capped(script_env: dict, api: FakeImagesAPI, isolated: Path) -> None:
+def test_a_prompt_from_an_endless_stdin_is_capped(agent_env: dict, api: FakeImagesAPI, isolated: Path) -> None:
     with open("/dev/zero", "rb") as zero:
-        done = subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), "-p", "-"], stdin=zero, capture_output=True,
-                              env=script_env, cwd=isolated, timeout=60)
+        done = subprocess.run([*twin_command("python"), "-p", "-"], stdin=zero, capture_output=True,
+                              env=agent_env, cwd=isolated, timeout=60)
     assert done.returncode == gi.EXIT_USAGE and b"longer than 128,003 bytes" in done.stderr
 
 
@@ -502,11 +491,11 @@ ENDLESS = [
 
 @pytest.mark.skipif(not hasattr(os, "posix_spawnp"), reason="peak memory is read with posix_spawn and wait4")
 @pytest.mark.parametrize("reply, args, message", ENDLESS)
-def test_an_endless_answer_is_cut_at_its_cap_in_little_memory(api: FakeImagesAPI, script_env: dict, isolated: Path,
+def test_an_endless_answer_is_cut_at_its_cap_in_little_memory(api: FakeImagesAPI, agent_env: dict, isolated: Path,
                                                               reply: Reply, args: list[str], message: str) -> None:
     api.queue(reply)
-    run = measured_run([sys.executable, "-I", "-S", str(SCRIPT), "-p", "cat", "-f", "cat.png", *args], cwd=isolated,
-                       env={**script_env, "APIYI_WORKER": "inprocess"})
+    run = measured_run([*twin_command("python"), "-p", "cat", "-f", "cat.png", *args], cwd=isolated,
+                       env={**agent_env, "APIYI_WORKER": "inprocess"})
     assert (run.code, run.stdout) == (gi.EXIT_UNAVAILABLE, "")
     assert message in run.stderr and "it can legitimately need; it was not kept" in run.stderr
     assert run.peak_bytes < 80 << 20, f"peak {run.peak_bytes / 2**20:.0f} MiB for an answer cut at 46 MiB of 300"

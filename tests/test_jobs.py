@@ -18,8 +18,9 @@ import pytest
 import generate_image as gi
 from conftest import TEST_KEY, CliRunner
 from fake_api import FakeImagesAPI, Recorded, Reply, images_answer, make_png
+from twins import script_env, twin_command
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "generate_image.py"
+PYTHON = twin_command("python")     # the script as an agent runs it: python -I -S scripts/generate_image.py
 POSIX_ONLY = pytest.mark.skipif(os.name == "nt", reason="sends POSIX signals to process groups")
 SLOW = Reply(body=images_answer([make_png(64, 64)]), delay=1.5)
 
@@ -27,9 +28,8 @@ SLOW = Reply(body=images_answer([make_png(64, 64)]), delay=1.5)
 @pytest.fixture
 def env(api: FakeImagesAPI, tmp_path: Path) -> dict[str, str]:
     """What an agent's shell gives the command: the key, the base URL, a state folder of its own."""
-    kept = {k: v for k, v in os.environ.items() if k in ("PATH", "SYSTEMROOT", "NO_PROXY", "no_proxy")}
-    return {**kept, "APIYI_API_KEY": TEST_KEY, "APIYI_BASE_URL": api.url,
-            "APIYI_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path / "tmp")}
+    return script_env(APIYI_API_KEY=TEST_KEY, APIYI_BASE_URL=api.url, APIYI_STATE_DIR=str(tmp_path / "state"),
+                      TMPDIR=str(tmp_path / "tmp"))
 
 
 @pytest.fixture
@@ -39,12 +39,12 @@ def state(tmp_path: Path) -> Path:
 
 def start(env: dict[str, str], *args: str) -> subprocess.Popen:
     """The command in a process group of its own, as an agent's shell runs it (and may kill it)."""
-    return subprocess.Popen([sys.executable, "-I", "-S", str(SCRIPT), *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([*PYTHON, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=True)
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), *args], capture_output=True, env=env,
+    done = subprocess.run([*PYTHON, *args], capture_output=True, env=env,
                           timeout=60)
     assert TEST_KEY.encode() not in done.stdout + done.stderr
     return done
@@ -219,17 +219,17 @@ def test_two_runs_of_one_batch_send_each_item_once(api: FakeImagesAPI, env: dict
     api.route = lambda request: Reply(body=images_answer([make_png(64, 64)]), delay=0.5)
     (isolated / "b.json").write_text(json.dumps(["one", "two", "three"]), encoding="utf-8")
     env = {**env, "PWD": str(isolated)}
-    first = subprocess.Popen([sys.executable, "-I", "-S", str(SCRIPT), "--batch", "b.json", "-j", "2"],
+    first = subprocess.Popen([*PYTHON, "--batch", "b.json", "-j", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=isolated)
     wait_until(lambda: api.requests, "the first item")
-    second = subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), "--batch", "b.json", "-j", "2"],
+    second = subprocess.run([*PYTHON, "--batch", "b.json", "-j", "2"],
                             capture_output=True, env=env, cwd=isolated, timeout=60)
     out, err = first.communicate(timeout=60)
     assert (first.returncode, second.returncode) == (0, 0), err.decode() + second.stderr.decode()
     assert sorted(r.prompt() for r in api.requests) == ["one", "three", "two"]
     assert sorted(out.split()) == sorted(second.stdout.split()) == [b"01-one.png", b"02-two.png", b"03-three.png"]
     assert b"nothing new was sent" in second.stderr
-    other = subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), "--batch", "b.json", "-q", "high"],
+    other = subprocess.run([*PYTHON, "--batch", "b.json", "-q", "high"],
                            capture_output=True, env=env, cwd=isolated, timeout=60)
     assert other.returncode == 0 and len(api.requests) == 6     # other settings: other items, once it is done
 
@@ -238,10 +238,10 @@ def test_a_batch_with_other_settings_is_refused_while_one_runs_on_its_manifest(
         api: FakeImagesAPI, env: dict[str, str], isolated: Path) -> None:
     api.route = lambda request: Reply(body=images_answer([make_png(64, 64)]), delay=1.0)
     (isolated / "b.json").write_text(json.dumps(["one"]), encoding="utf-8")
-    first = subprocess.Popen([sys.executable, "-I", "-S", str(SCRIPT), "--batch", "b.json"], stdout=subprocess.PIPE,
+    first = subprocess.Popen([*PYTHON, "--batch", "b.json"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env, cwd=isolated)
     wait_until(lambda: api.requests, "the first batch")
-    other = subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), "--batch", "b.json", "-q", "low"],
+    other = subprocess.run([*PYTHON, "--batch", "b.json", "-q", "low"],
                            capture_output=True, env=env, cwd=isolated, timeout=60)
     assert other.returncode == gi.EXIT_USAGE
     assert b"is running this batch with other settings" in other.stderr
@@ -254,14 +254,14 @@ def test_ctrl_c_during_a_batch_leaves_it_running_and_the_same_command_collects_i
         api: FakeImagesAPI, env: dict[str, str], state: Path, isolated: Path) -> None:
     api.route = lambda request: Reply(body=images_answer([make_png(64, 64)]), delay=1.0)
     (isolated / "b.json").write_text(json.dumps(["one", "two", "three", "four"]), encoding="utf-8")
-    batch = subprocess.Popen([sys.executable, "-I", "-S", str(SCRIPT), "--batch", "b.json", "-j", "2"],
+    batch = subprocess.Popen([*PYTHON, "--batch", "b.json", "-j", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=isolated)
     wait_until(lambda: len(api.requests) >= 2, "two items in flight")
     batch.send_signal(signal.SIGINT)
     out, err = batch.communicate(timeout=30)
     job = only_record(state)["id"]
     assert (batch.returncode, out) == (130, f"job {job}\n".encode()), err.decode()
-    again = subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), "--batch", "b.json", "-j", "2"],
+    again = subprocess.run([*PYTHON, "--batch", "b.json", "-j", "2"],
                            capture_output=True, env=env, cwd=isolated, timeout=60)
     assert again.returncode == 0, again.stderr.decode()
     assert sorted(again.stdout.split()) == [b"01-one.png", b"02-two.png", b"03-three.png", b"04-four.png"]

@@ -123,7 +123,7 @@ def test_https_goes_through_a_connect_tunnel_the_proxy_cannot_read(twin: str, is
 
 
 @pytest.fixture
-def http_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeImagesAPI]:
+def http_proxy() -> Iterator[FakeImagesAPI]:
     """A 'proxy' that answers as the API itself, recording the absolute-form request it got."""
     with FakeImagesAPI() as server:
         yield server

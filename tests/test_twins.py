@@ -621,3 +621,15 @@ def test_ctrl_c_ends_a_job_running_inside_the_command_at_once(twin: str, api: Fa
     assert waiting.returncode == 130 and time.monotonic() - interrupted < 2
     assert "interrupted after the request was sent: it may be billed" in err.decode()
     assert not (isolated / "cat.png").exists()
+
+
+@pytest.mark.parametrize("stdin", [b"ab\xe4\xb8", b"a\xff", b"\xed\xa0\x80", b"\xf0\x9f\x98\x80ok\xc0\xaf"],
+                         ids=["cut-short", "stray-byte", "a-surrogate", "overlong"])
+def test_a_prompt_on_stdin_that_is_not_utf8_is_placed_alike(twin: str, offline_env: dict[str, str],
+                                                            stdin: bytes) -> None:
+    """The byte the error names is where the bad sequence starts, as Python's decoder says it."""
+    done = {who: run_twin(who, "-p", "-", "-f", "x.png", "--dry-run", env=offline_env, stdin=stdin)
+            for who in {"python", twin}}
+    assert {who: (d.returncode, first_line(d.stderr)) for who, d in done.items()} == \
+        {who: (gi.EXIT_USAGE, first_line(done["python"].stderr)) for who in done}
+    assert "is not UTF-8 (byte " in first_line(done["python"].stderr)
