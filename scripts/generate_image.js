@@ -2264,6 +2264,7 @@ function scanB64Values(handle, size) {
 }
 
 const B64_KEY = Buffer.from('b64_json');
+const JSON_SPACE = new Set([0x20, 0x09, 0x0a, 0x0d]);     // what may stand between a key and its colon
 
 function scanPiece(scan, piece, offset) {
   let from = scan.inValue ? -1 : 0;           // where the piece's run of skeleton began (-1: in a value)
@@ -2289,7 +2290,7 @@ function scanPiece(scan, piece, offset) {
       Object.assign(scan, { inString: true, escaped: false, text: [], afterKey: 0 });
     } else if (byte === 0x3a && scan.afterKey === 1) {
       scan.afterKey = 2;
-    } else if (!/\s/.test(String.fromCharCode(byte))) {
+    } else if (!JSON_SPACE.has(byte)) {
       scan.afterKey = 0;
     }
   }
