@@ -4046,6 +4046,17 @@ def worker_alive(files: JobFiles, record: Mapping[str, Any]) -> bool:
     return record.get("state") == "starting" and time.time() - record.get("created_at", 0) < WORKER_START_GRACE_S
 
 
+@contextlib.contextmanager
+def abandoned_record(files: JobFiles, record: dict[str, Any], *, wait_s: float = 0.0
+                     ) -> Iterator[Optional[dict[str, Any]]]:
+    """The job's record as it is now, under the job's lock, when its worker is gone (None while one lives),
+    so the caller can end or recover the job with no worker writing beside it. A worker of this script
+    holds the lock while it lives; the Node.js twin's holds none, so its pid tells."""
+    with held_lock(files.lock, wait_s=wait_s) as free:
+        latest = (read_record(files.record) or record) if free else record
+        yield latest if free and not pid_worker_alive(latest) else None
+
+
 def pid_worker_alive(record: Mapping[str, Any]) -> bool:
     """A worker of the Node.js twin holds no lock (Node has none that the system drops when its holder
     dies): its record says so, and its pid tells whether it lives."""
@@ -5032,9 +5043,9 @@ def cancel_worker(files: JobFiles, record: dict[str, Any], *, mode: str = "alway
     JobWorker.on_terminate), so an interrupted command never cancels a request already sent. A
     worker that is gone, or never started, is settled here under its lock."""
     files.cancel.write_text(mode, encoding="ascii")
-    with held_lock(files.lock) as free:
-        if free and not pid_worker_alive(read_record(files.record) or record):
-            return mark_cancelled(files, read_record(files.record) or record)
+    with abandoned_record(files, record) as gone:
+        if gone:
+            return mark_cancelled(files, gone)
     latest = wait_for_pid(files) or record
     if latest.get("detached") and latest.get("pid") and (mode == "always" or os.name != "nt"):
         signal_worker(int(latest["pid"]))   # on Windows this is TerminateProcess: only for --cancel
@@ -5043,9 +5054,9 @@ def cancel_worker(files: JobFiles, record: dict[str, Any], *, mode: str = "alway
         latest = read_record(files.record) or latest
         if latest["state"] in FINISHED_STATES or (mode == "unless-sent" and latest.get("sent")):
             return latest
-        with held_lock(files.lock) as gone:
-            if gone and not pid_worker_alive(read_record(files.record) or latest):
-                return mark_cancelled(files, read_record(files.record) or latest)
+        with abandoned_record(files, latest) as gone:
+            if gone:
+                return mark_cancelled(files, gone)
         time.sleep(0.02)
     return latest
 
@@ -5128,11 +5139,10 @@ def conclude(files: JobFiles, record: dict[str, Any], console: Console) -> dict[
     saved saved now. Done under the worker's lock, so never while a worker runs, nor twice at once."""
     if record["state"] in FINISHED_STATES and not needs_recovery(files, record):
         return record
-    with held_lock(files.lock, wait_s=1) as mine:
-        latest = read_record(files.record) or record
-        if not mine or pid_worker_alive(latest):
-            return latest               # a worker still holds it (or, the Node.js twin's, still lives): wait on
-        latest = settle_dead_worker(files, latest)
+    with abandoned_record(files, record, wait_s=1) as gone:
+        if not gone:
+            return read_record(files.record) or record      # a worker still runs it: wait on
+        latest = settle_dead_worker(files, gone)
         return recover_from_spool(files, latest, console) if needs_recovery(files, latest) else latest
 
 
