@@ -4384,49 +4384,56 @@ function parseArgs(argv) {
   const unknown = [];
   for (let index = 0; index < argv.length; index += 1) {
     const token = argv[index];
-    if (token === '-h' || token === '--help') {
-      process.stdout.write(helpText());
-      throw new ParserExit(0);
-    }
-    if (token === '--version') {
-      process.stdout.write(`${PROG} ${VERSION}\n`);
-      throw new ParserExit(0);
-    }
+    stopForHelpOrVersion(token);
     const [option, attached] = looksLikeOption(token) ? splitOption(token) : [null, null];
     if (!option) {
       unknown.push(token);
-      continue;
-    }
-    if (option.kind === 'flag') {
-      if (attached !== null)
+    } else if (option.kind === 'flag') {
+      if (attached !== null) {
         throw parserError(`argument ${option.display}: ignored explicit argument ${pyRepr(attached)}`);
+      }
       args[option.dest] = true;
-      continue;
+    } else {
+      const values = attached !== null ? [attached] : optionValues(argv, index, option);
+      index += attached !== null ? 0 : values.length;
+      storeValues(args, option, values);
     }
-    const values = attached !== null ? [attached] : [];
-    while (values.length === 0 || (option.kind === 'extend' && attached === null)) {
-      const next = argv[index + 1];
-      if (next === undefined || looksLikeOption(next)) break;
-      values.push(next);
-      index += 1;
-      if (option.kind !== 'extend') break;
-    }
-    if (!values.length) {
-      throw parserError(
-        `argument ${option.display}: expected ${option.kind === 'extend' ? 'at least one argument' : 'one argument'}`
-      );
-    }
-    if (option.kind === 'once' && args[option.dest] !== null) {
-      throw parserError(`argument ${option.display}: given twice; give it once`);
-    }
-    if (option.kind === 'extend') args[option.dest] = [...(args[option.dest] || []), ...values];
-    else args[option.dest] = convertValue(option, values[0]);
   }
   if (unknown.length) {
     const flags = unknown.filter((w) => w.startsWith('-')).map((w) => w.split('=')[0]);
     throw parserError(`unrecognized option${flags.length > 1 ? 's' : ''}: ${flags.join(' ') || '(a value)'}`);
   }
   return args;
+}
+
+/** --help and --version answer at once, wherever they stand, as argparse does. */
+function stopForHelpOrVersion(token) {
+  if (token === '-h' || token === '--help') process.stdout.write(helpText());
+  else if (token === '--version') process.stdout.write(`${PROG} ${VERSION}\n`);
+  else return;
+  throw new ParserExit(0);
+}
+
+/** The words after an option that are its values: one, or (for -i) all up to the next option. */
+function optionValues(argv, index, option) {
+  const values = [];
+  for (let next = index + 1; next < argv.length && !looksLikeOption(argv[next]); next += 1) {
+    values.push(argv[next]);
+    if (option.kind !== 'extend') break;
+  }
+  return values;
+}
+
+function storeValues(args, option, values) {
+  if (!values.length) {
+    const expected = option.kind === 'extend' ? 'at least one argument' : 'one argument';
+    throw parserError(`argument ${option.display}: expected ${expected}`);
+  }
+  if (option.kind === 'once' && args[option.dest] !== null) {
+    throw parserError(`argument ${option.display}: given twice; give it once`);
+  }
+  if (option.kind === 'extend') args[option.dest] = [...(args[option.dest] || []), ...values];
+  else args[option.dest] = convertValue(option, values[0]);
 }
 
 /** The entry of a detached worker (--run-job): it has no terminal, so SIGINT and SIGHUP are ignored. */
